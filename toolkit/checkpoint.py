@@ -1,0 +1,130 @@
+"""Checkpoints: atomic save, safe load (weights_only, never a fallback), and finding the newest one.
+
+A checkpoint is a dict of tensors and plain values:
+  format, kind="gantk-checkpoint", versions, config (TrainConfig as a dict), latent_shape,
+  step, epoch, batch_in_epoch, images_seen, generator, discriminator, ema (or None),
+  opt_g, opt_d, scaler (or None), rng, meter.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, UsageError
+
+FORMAT = 1
+KIND = "gantk-checkpoint"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(file)` on a temp file in `path`'s folder, fsync, then `os.replace` onto `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(state: dict[str, Any], path: Path) -> None:
+    import torch
+
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load(path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
+    """Load a gantk checkpoint with weights_only=True; CheckpointError naming the path otherwise."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle refused by weights_only, not a torch file...
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        reason = next((ln for ln in lines if "Unpickler error" in ln), lines[0])
+        raise CheckpointError(f"{path}: not a readable gantk checkpoint ({reason[:160]})") from None
+    if not isinstance(state, dict) or state.get("kind") != KIND:
+        raise CheckpointError(f"{path}: not a gantk checkpoint (no '{KIND}' marker)")
+    if state.get("format", 0) > FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state['format']} is newer than this gantk ({FORMAT})")
+    return state
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    from . import __version__
+
+    return {"gantk": __version__, "torch": str(torch.__version__)}
+
+
+def newest_run(runs_dir: str | Path = "runs") -> Path:
+    """The run folder whose last.pt is newest."""
+    runs = sorted(Path(runs_dir).glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UsageError(f"no trained run found under {runs_dir}/ (run `gantk train` first, or pass a path)")
+    return runs[-1].parent.parent
+
+
+def newest_checkpoint(runs_dir: str | Path = "runs") -> Path:
+    return newest_run(runs_dir) / "checkpoints" / "last.pt"
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint path from a file or a run folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.pt" if (p / "checkpoints").is_dir() else p / "last.pt"
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return p
+
+
+def generator_from(state: dict[str, Any], *, prefer_ema: bool = True):
+    """The generator a checkpoint samples with (EMA when it has one), in eval mode on CPU."""
+    from .models import build_generator
+
+    g = build_generator(state["config"]["arch"])
+    weights = state["ema"] if prefer_ema and state.get("ema") is not None else state["generator"]
+    try:
+        g.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit arch {state['config']['arch']!r}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return g.eval().requires_grad_(False)

@@ -1,0 +1,238 @@
+"""Data sources behind one spec: `mnist`, `synthetic`, or a path (IDX, image folder, .npy/.npz).
+
+Every source loads fully into memory as a `Digits` set: uint8 images (N, 32, 32) and labels (or
+None). `to_tensor` scales them to float32 (N, 1, 32, 32) in [-1, 1] for the models.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SIDE = 32
+
+
+@dataclass(frozen=True)
+class Digits:
+    images: np.ndarray  # (N, 32, 32) uint8
+    labels: np.ndarray | None  # (N,) int64
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("GANTK_CACHE", Path.home() / ".cache" / "gantk"))
+
+
+def load(spec: str, *, seed: int = 0, count: int | None = None) -> Digits:
+    """Load `spec`: 'mnist', 'synthetic', or a path. `count` caps the images (synthetic: how many)."""
+    if spec == "mnist":
+        digits = load_mnist()
+    elif spec == "synthetic":
+        digits = synthetic(count or 10_000, seed=seed)
+    else:
+        digits = load_path(Path(spec))
+    if count is not None and len(digits) > count:
+        labels = None if digits.labels is None else digits.labels[:count]
+        digits = Digits(digits.images[:count], labels, digits.source)
+    return digits
+
+
+def to_tensor(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(images).float().div_(127.5).sub_(1.0).unsqueeze(1)
+
+
+# ---------------------------------------------------------------- torchvision MNIST
+
+
+def load_mnist(root: Path | None = None) -> Digits:
+    from torchvision.datasets import MNIST
+
+    root = root or default_cache() / "mnist"
+    try:
+        ds = MNIST(str(root), train=True, download=True)
+    except Exception as e:  # torchvision raises RuntimeError/URLError offline
+        raise DataError(
+            f"MNIST is not cached in {root} and could not be downloaded ({type(e).__name__}); "
+            "use --data synthetic, or --data PATH to an IDX file (e.g. t10k-images-idx3-ubyte.gz), "
+            "an image folder or a .npy/.npz"
+        ) from None
+    return Digits(_resize(ds.data.numpy()), ds.targets.numpy().astype(np.int64), "mnist")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def load_path(path: Path) -> Digits:
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if path.is_dir():
+        return _load_folder(path)
+    name = path.name.lower()
+    if name.endswith((".npy", ".npz")):
+        return _load_numpy(path)
+    if "idx" in name or name.endswith((".ubyte", ".ubyte.gz")):
+        images = read_idx(path)
+        if images.ndim != 3:
+            raise DataError(f"{path}: IDX holds {images.ndim}-d data, expected images (N, H, W)")
+        return Digits(_resize(images), _idx_labels(path, len(images)), str(path))
+    raise DataError(f"{path}: unknown data format (expected an IDX file, an image folder, .npy or .npz)")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (raw or gzip) as MNIST ships it; raise DataError naming the path if malformed."""
+    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read IDX data ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    size = int(np.prod(shape))
+    if len(raw) - header != size:
+        raise DataError(f"{path}: IDX data is {len(raw) - header} bytes, header promises {size} (truncated?)")
+    return np.frombuffer(raw, np.uint8, size, header).reshape(shape).copy()
+
+
+def _idx_labels(images_path: Path, n: int) -> np.ndarray | None:
+    """The labels file beside an images file (`...-images-idx3...` -> `...-labels-idx1...`), if any."""
+    name = images_path.name.replace("images-idx3", "labels-idx1")
+    labels_path = images_path.with_name(name)
+    if name == images_path.name or not labels_path.exists():
+        return None
+    labels = read_idx(labels_path)
+    if labels.shape != (n,):
+        raise DataError(f"{labels_path}: {labels.shape[0]} labels for {n} images")
+    return labels.astype(np.int64)
+
+
+def _load_numpy(path: Path) -> Digits:
+    try:
+        obj = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    labels = None
+    if isinstance(obj, np.lib.npyio.NpzFile):
+        keys = list(obj.keys())
+        key = next((k for k in ("images", "x", "x_test", "x_train", "arr_0") if k in keys), None)
+        if key is None:
+            raise DataError(f"{path}: no 'images' (or 'x', 'arr_0') array among {keys}")
+        images = obj[key]
+        lkey = next((k for k in ("labels", "y", "y_test", "y_train") if k in keys), None)
+        labels = None if lkey is None else obj[lkey].astype(np.int64)
+    else:
+        images = obj
+    images = _as_uint8(images, path)
+    if labels is not None and labels.shape != (len(images),):
+        raise DataError(f"{path}: {labels.shape} labels for {len(images)} images")
+    return Digits(_resize(images), labels, str(path))
+
+
+def _as_uint8(a: np.ndarray, path: Path) -> np.ndarray:
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    elif a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 3 or a.shape[0] == 0:
+        raise DataError(f"{path}: expected images of shape (N, H, W) or (N, 1, H, W), got {a.shape}")
+    if a.dtype == np.uint8:
+        return a
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise DataError(f"{path}: images contain NaN or inf")
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= -1.0 and hi <= 1.0 and lo < 0:  # [-1, 1]
+        a = (a + 1.0) * 127.5
+    elif hi <= 1.0:  # [0, 1]
+        a = a * 255.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _load_folder(path: Path) -> Digits:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    images, labels = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L")
+                if im.size != (SIDE, SIDE):
+                    im = im.resize((SIDE, SIDE), Image.Resampling.BILINEAR)
+                images.append(np.asarray(im, np.uint8))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{f}: not a readable image ({e})") from None
+        labels.append(int(f.parent.name) if f.parent != path and f.parent.name.isdigit() else -1)
+    lab = np.array(labels, np.int64)
+    return Digits(np.stack(images), None if (lab < 0).any() else lab, str(path))
+
+
+def _resize(images: np.ndarray) -> np.ndarray:
+    """Resize (N, H, W) uint8 to 32x32 (bilinear, antialiased), as torchvision's Resize(32) would."""
+    if images.shape[1:] == (SIDE, SIDE):
+        return np.ascontiguousarray(images)
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().unsqueeze(1)
+    y = F.interpolate(x, size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8).squeeze(1).numpy()
+
+
+# ---------------------------------------------------------------- synthetic digits
+
+
+def synthetic(count: int, *, seed: int = 0) -> Digits:
+    """`count` digits 0-9 drawn with Pillow: several sizes and stroke widths, random affine jitter.
+
+    Deterministic for (count, seed). White strokes on black, like MNIST.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    fonts = {size: ImageFont.load_default(size) for size in (30, 34, 38)}
+    labels = rng.integers(0, 10, count)
+    images = np.empty((count, SIDE, SIDE), np.uint8)
+    canvas = 64
+    for i, label in enumerate(labels):
+        im = Image.new("L", (canvas, canvas), 0)
+        draw = ImageDraw.Draw(im)
+        font = fonts[(30, 34, 38)[rng.integers(3)]]
+        stroke = int(rng.integers(0, 4))
+        draw.text((canvas / 2, canvas / 2), str(label), fill=255, font=font, anchor="mm",
+                  stroke_width=stroke, stroke_fill=255)
+        im = im.transform((canvas, canvas), Image.Transform.AFFINE, _jitter(rng, canvas),
+                          resample=Image.Resampling.BILINEAR)
+        images[i] = np.asarray(im.resize((SIDE, SIDE), Image.Resampling.LANCZOS))
+    return Digits(images, labels.astype(np.int64), f"synthetic(seed={seed})")
+
+
+def _jitter(rng: np.random.Generator, canvas: int) -> tuple[float, ...]:
+    """Inverse affine coefficients for a random rotation, scale, shear and shift about the centre."""
+    angle = np.deg2rad(rng.uniform(-15, 15))
+    scale = rng.uniform(0.85, 1.15)
+    shear = rng.uniform(-0.2, 0.2)
+    tx, ty = rng.uniform(-3, 3, 2)
+    c, s = np.cos(angle) / scale, np.sin(angle) / scale
+    a, b, d, e = c, s + shear * c, -s, c - shear * s
+    cx = cy = canvas / 2
+    return (a, b, cx - a * cx - b * cy + tx, d, e, cy - d * cx - e * cy + ty)

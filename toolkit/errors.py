@@ -1,0 +1,41 @@
+"""The error hierarchy. The CLI maps each class to its exit code in one place."""
+
+
+class GantkError(Exception):
+    """A failure gantk explains in one line. Exit code 1 unless a subclass says otherwise."""
+
+    exit_code = 1
+
+
+class UsageError(GantkError):
+    """Bad input: a flag, a path, a file that is not what it should be (exit 2)."""
+
+    exit_code = 2
+
+
+class DataError(UsageError):
+    """A data source is missing, unreadable or malformed (exit 2)."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint or export is missing, truncated or not gantk's (exit 2)."""
+
+
+class DivergedError(GantkError):
+    """Training produced a non-finite loss (exit 3)."""
+
+    exit_code = 3
+
+
+class VerificationError(GantkError):
+    """An export or generation failed its parity check (exit 4)."""
+
+    exit_code = 4
+
+
+class Interrupted(GantkError):
+    """Stopped by a signal after saving cleanly (exit 128 + signal number)."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -1,0 +1,423 @@
+"""The training loop: exact resume, clean stops on SIGINT/SIGTERM, divergence detection.
+
+`train(config, ...)` runs one run folder:
+  runs/<run>/config.json, checkpoints/{last.pt,step-*.pt}, samples/epoch-*.png, metrics.csv, loss.png
+Progress goes to an optional callback; nothing is printed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import data as data_mod
+from . import models
+from .config import TrainConfig
+from .errors import CheckpointError, DataError, DivergedError, Interrupted, UsageError
+
+log = logging.getLogger("gantk.train")
+
+METRICS = ["step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "img_per_s", "elapsed_s"]
+GRID = 100  # samples per grid, 10x10
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available (torch "
+                         f"{torch.__version__}, {torch.cuda.device_count()} devices); use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {name!r} (choose auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resume can replay it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def fixed_noise(latent_shape: tuple[int, ...], seed: int, count: int = GRID) -> torch.Tensor:
+    return torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(seed + 1))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """`ds[index_tensor]` gathers a whole batch at once from the in-memory images."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.images[idx]
+
+
+class Trainer:
+    """G, D, their EMA, optimizers, scaler and RNGs: everything a checkpoint holds."""
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        self.config, self.device = config, device
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        g, d = models.build(config.arch, spectral_norm=config.spectral_norm)
+        self.g, self.d = g.to(device), d.to(device)
+        self.ema = models.ema_copy(self.g) if config.ema_decay > 0 else None
+        betas = (config.beta1, config.beta2)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), config.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), config.lr_d, betas=betas)
+        self.scaler = torch.amp.GradScaler("cuda") if config.amp else None
+        self.noise = torch.Generator(device).manual_seed(config.seed + 2)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.elapsed = 0.0
+        self.meter = _Meter()
+        self.last_figures: dict[str, float] = {}
+
+    @property
+    def sampler(self) -> models.Generator:
+        """The generator that samples and exports: the EMA copy when there is one, in eval mode."""
+        return self.ema if self.ema is not None else self.g
+
+    def _loss(self, logits: torch.Tensor, target: float) -> torch.Tensor:
+        t = torch.full_like(logits, target, dtype=torch.float32)
+        if self.config.loss == "bce":
+            return F.binary_cross_entropy(torch.sigmoid(logits.float()), t)
+        return F.binary_cross_entropy_with_logits(logits.float(), t)
+
+    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+        """One D step on real + fake, one G step on the same fake batch; returns the step's figures."""
+        cfg, n = self.config, x.shape[0]
+        z = torch.randn((n, *self.g.latent_shape), generator=self.noise, device=self.device)
+        autocast = torch.autocast("cuda", torch.float16) if cfg.amp else nullcontext()
+        with autocast:
+            fake = self.g(z)
+            d_real, d_fake = self.d(x), self.d(fake.detach())
+            loss_d = self._loss(d_real, cfg.label_smoothing) + self._loss(d_fake, 0.0)
+        self.opt_d.zero_grad(set_to_none=True)
+        self._backward_step(loss_d, self.opt_d)
+        with autocast:
+            d_gen = self.d(fake)
+            loss_g = self._loss(d_gen, 1.0)
+        self.opt_g.zero_grad(set_to_none=True)
+        self._backward_step(loss_g, self.opt_g)
+        if self.scaler is not None:
+            self.scaler.update()
+        if self.ema is not None:
+            decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            models.ema_update(self.ema, self.g, decay)
+        figures = torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(d_real.detach().float()).mean(),
+                               torch.sigmoid(d_fake.detach().float()).mean()]).tolist()
+        if not all(np.isfinite(figures[:2])):
+            raise DivergedError(f"training diverged at step {self.step + 1}: loss_d={figures[0]}, "
+                                f"loss_g={figures[1]}; the last good checkpoint is kept")
+        self.step += 1
+        self.last_figures = dict(zip(("loss_d", "loss_g", "d_x", "d_g_z"), figures))
+        return self.last_figures
+
+    def _backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda_rng = [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+        np_state = np.random.get_state()
+        return {
+            "format": ckpt.FORMAT, "kind": ckpt.KIND, "versions": ckpt.versions(),
+            "config": self.config.to_dict(), "latent_shape": list(self.g.latent_shape),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "images_seen": self.step * self.config.batch_size, "elapsed_s": self.elapsed,
+            "generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "rng": {"python": _plain(random.getstate()),
+                    "numpy": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])],
+                    "torch": torch.get_rng_state(), "cuda": cuda_rng,
+                    "noise": self.noise.get_state(), "noise_device": self.device.type},
+            "meter": self.meter.state_dict(),
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        try:
+            self.g.load_state_dict(s["generator"])
+            self.d.load_state_dict(s["discriminator"])
+            if self.ema is not None:
+                self.ema.load_state_dict(s["ema"])
+            self.opt_g.load_state_dict(s["opt_g"])
+            self.opt_d.load_state_dict(s["opt_d"])
+            if self.scaler is not None and s.get("scaler"):
+                self.scaler.load_state_dict(s["scaler"])
+            rng = s["rng"]
+            random.setstate(_tuples(rng["python"]))
+            np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], np.uint32), *rng["numpy"][2:]))
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            if rng["noise_device"] == self.device.type:
+                self.noise.set_state(rng["noise"])
+            else:
+                log.warning("resuming on %s a run saved on %s: noise draws will differ from a straight run",
+                            self.device.type, rng["noise_device"])
+                self.noise.manual_seed(self.config.seed + 2 + s["step"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint does not match this run's model or format: {e}") from None
+        self.step, self.epoch, self.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
+        self.elapsed = float(s.get("elapsed_s", 0.0))
+        self.meter.load_state_dict(s["meter"])
+
+
+def _plain(x):
+    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+class _Meter:
+    """Sums of the step figures since the last metrics row (saved, so a resume continues the row)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.seconds = 0.0
+
+    def add(self, figures: dict[str, float], seconds: float) -> None:
+        for k, v in figures.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.seconds += seconds
+
+    def row(self, step: int, epoch: int, batch: int, elapsed: float) -> dict[str, Any]:
+        row = {"step": step, "epoch": epoch, **{k: round(v / self.count, 6) for k, v in self.sums.items()},
+               "img_per_s": round(self.count * batch / max(self.seconds, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
+        self.__init__()
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "count": self.count, "seconds": self.seconds}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.sums, self.count, self.seconds = dict(s["sums"]), s["count"], s["seconds"]
+
+
+@contextmanager
+def _stop_on_signals():
+    """First SIGINT/SIGTERM asks for a stop at the next step boundary; a second one stops at once."""
+    asked: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def handler(signum, frame):
+        if asked["signum"] is not None:
+            raise KeyboardInterrupt
+        asked["signum"] = signum
+        log.warning("signal %d: saving at the next step boundary (again to stop at once)", signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class RunFolder:
+    """Paths and writers of one run folder."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.samples = self.root / "samples"
+        self.metrics = self.root / "metrics.csv"
+        self.last = self.checkpoints / "last.pt"
+
+    def create(self, config: TrainConfig) -> None:
+        if self.root.exists() and any(self.root.iterdir()):
+            raise UsageError(f"run folder {self.root} already exists and is not empty; "
+                             "use --resume auto to continue it, or another --run name")
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.samples.mkdir(exist_ok=True)
+        ckpt.atomic_write_bytes(self.root / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+        with open(self.metrics, "w", newline="") as f:
+            csv.writer(f).writerow(METRICS)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep metrics rows up to `step` (rows after the checkpoint belong to lost work)."""
+        rows = self.read_metrics()
+        keep = [r for r in rows if int(r["step"]) <= step]
+        if len(keep) != len(rows) or not self.metrics.exists():
+            lines = [",".join(METRICS)] + [",".join(str(r[k]) for k in METRICS) for r in keep]
+            ckpt.atomic_write_bytes(self.metrics, ("\n".join(lines) + "\n").encode())
+
+    def read_metrics(self) -> list[dict[str, str]]:
+        if not self.metrics.exists():
+            return []
+        with open(self.metrics, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def save_checkpoint(self, state: dict[str, Any], *, step: int, keep: int, numbered: bool) -> None:
+        ckpt.save(state, self.last)
+        if numbered and keep > 0:
+            ckpt.save(state, self.checkpoints / f"step-{step:08d}.pt")
+            for old in sorted(self.checkpoints.glob("step-*.pt"))[:-keep]:
+                old.unlink()
+
+    def save_grid(self, images: torch.Tensor, name: str) -> Path:
+        from torchvision.utils import make_grid
+
+        grid = make_grid(images.float().cpu().add(1).mul(127.5).round().clamp(0, 255), nrow=10, padding=2)
+        path = self.samples / name
+        _save_png(grid[0].to(torch.uint8).numpy(), path)
+        return path
+
+    def plot(self) -> None:
+        rows = self.read_metrics()
+        if not rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [int(r["step"]) for r in rows]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot(steps, [float(r["loss_d"]) for r in rows], label="loss D", lw=0.8)
+        ax.plot(steps, [float(r["loss_g"]) for r in rows], label="loss G", lw=0.8)
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        ckpt.atomic_write(self.root / "loss.png", lambda f: fig.savefig(f, format="png", dpi=100))
+        plt.close(fig)
+
+
+def _save_png(pixels: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    ckpt.atomic_write(path, lambda f: Image.fromarray(pixels, "L").save(f, format="PNG"))
+
+
+def new_run_dir(runs_dir: Path, config: TrainConfig) -> Path:
+    runs_dir = Path(runs_dir)
+    taken = [int(p.name[:5]) for p in runs_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*") if p.name[:5].isdigit()]
+    data_name = Path(config.data).name.split(".")[0] if config.data not in ("mnist", "synthetic") else config.data
+    return runs_dir / f"{max(taken, default=-1) + 1:05d}-{config.arch}-{data_name}"
+
+
+def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = Path("runs"),
+          resume: Path | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) one run; returns a summary. Raises Interrupted after a clean save on a signal."""
+    state = None
+    if resume is not None:
+        state = ckpt.load(resume)
+        stored = TrainConfig.from_dict(state["config"])
+        config = stored.replace(epochs=config.epochs, max_steps=config.max_steps, device=config.device,
+                                workers=config.workers)
+        run_dir = run_dir or (resume.parent.parent if resume.parent.name == "checkpoints" else None)
+        if run_dir is None:
+            raise UsageError(f"{resume} is not inside a run folder; pass --run to say where to continue")
+    device = resolve_device(config.device)
+    if config.amp and device.type != "cuda":
+        raise UsageError("--amp needs CUDA (it trains in float16 autocast with a gradient scaler)")
+    digits = data_mod.load(config.data, seed=config.seed, count=config.data_count)
+    steps_per_epoch = len(digits) // config.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{digits.source}: {len(digits)} images, fewer than one batch of {config.batch_size}")
+    run = RunFolder(run_dir or new_run_dir(runs_dir, config))
+    trainer = Trainer(config, device)
+    if state is not None:
+        trainer.load_state_dict(state)
+        run.truncate_metrics(trainer.step)
+        log.info("resumed %s at step %d (epoch %d)", run.root, trainer.step, trainer.epoch)
+    else:
+        run.create(config)
+    images = data_mod.to_tensor(digits.images)
+    total = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    info = dict(run_dir=str(run.root), device=str(device), images=len(digits), data=digits.source,
+                steps_per_epoch=steps_per_epoch, total_steps=total, start_step=trainer.step)
+    if progress:
+        progress({"event": "start", **info})
+    with _stop_on_signals() as stop:
+        _loop(trainer, run, images, total, steps_per_epoch, stop, progress)
+    if progress:
+        progress({"event": "end", "step": trainer.step})
+    return {**info, "steps": trainer.step, "epochs_done": trainer.epoch, "checkpoint": str(run.last),
+            "elapsed_s": round(trainer.elapsed, 2), "last_step": trainer.last_figures}
+
+
+def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, steps_per_epoch: int,
+          stop: dict, progress: Callable | None) -> None:
+    cfg = t.config
+    pin = t.device.type == "cuda"
+    fixed = fixed_noise(t.g.latent_shape, cfg.seed).to(t.device)
+    with open(run.metrics, "a", newline="") as mf:
+        writer = csv.DictWriter(mf, METRICS)
+        while t.step < total:
+            order = epoch_order(cfg.seed, t.epoch, len(images))
+            batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                       for i in range(t.batch_in_epoch, steps_per_epoch)][: total - t.step]
+            loader = torch.utils.data.DataLoader(_Batches(images), sampler=batches, batch_size=None,
+                                                 num_workers=cfg.workers, pin_memory=pin)
+            tick = time.perf_counter()
+            for x in loader:
+                figures = t.train_step(x.to(t.device, non_blocking=True))
+                now = time.perf_counter()
+                t.meter.add(figures, now - tick)
+                t.elapsed += now - tick
+                tick = now
+                t.batch_in_epoch += 1
+                if t.batch_in_epoch == steps_per_epoch:
+                    t.epoch, t.batch_in_epoch = t.epoch + 1, 0
+                if t.step % cfg.log_every == 0 or t.step == cfg.epochs * steps_per_epoch:
+                    writer.writerow(t.meter.row(t.step, t.epoch, cfg.batch_size, t.elapsed))
+                    mf.flush()
+                if progress:
+                    progress({"event": "step", "step": t.step, **figures})
+                epoch_end = t.batch_in_epoch == 0
+                if epoch_end or t.step == total:
+                    _end_of_epoch(t, run, fixed, final=t.step == total)
+                if t.step % cfg.checkpoint_every == 0 or epoch_end or t.step == total or stop["signum"]:
+                    run.save_checkpoint(t.state_dict(), step=t.step, keep=cfg.keep,
+                                        numbered=t.step % cfg.checkpoint_every == 0 or t.step == total)
+                if stop["signum"]:
+                    raise Interrupted(f"stopped at step {t.step}; resume with: gantk train --resume "
+                                      f"{run.last}", stop["signum"])
+                tick = time.perf_counter()
+
+
+def _end_of_epoch(t: Trainer, run: RunFolder, fixed: torch.Tensor, *, final: bool) -> None:
+    epoch_done = t.epoch if t.batch_in_epoch == 0 else t.epoch + 1
+    if not final and epoch_done % t.config.sample_every:
+        return
+    g = t.sampler
+    was_training = g.training
+    g.eval()
+    with torch.no_grad():
+        images = g(fixed)
+    g.train(was_training)
+    name = f"epoch-{epoch_done:04d}.png" if t.batch_in_epoch == 0 else f"step-{t.step:08d}.png"
+    path = run.save_grid(images, name)
+    ckpt.atomic_write_bytes(run.samples / "latest.png", path.read_bytes())
+    run.plot()
