@@ -1,1 +1,101 @@
-"""Exporters: one module per format, all returning an ExportReport."""
+"""Exporters: one module per format, the same call, the same ExportReport.
+
+    EXPORTERS[fmt](source, out, *, opset=None, dtype="fp32", atol=None) -> ExportReport
+
+`source` is a checkpoint path (or run folder) or a `Source`; every export is validated against the
+eager generator before it lands at `out`. `read_metadata` reads gantk's metadata back from an export.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from gantk.errors import CheckpointError
+
+from . import onnx, torchscript
+from .base import FORMAT_VERSION, KIND, META_KEYS, ExportReport, Source
+
+EXPORTERS: dict[str, Callable[..., ExportReport]] = {
+    "onnx": onnx.export,
+    "torchscript": torchscript.export,
+}
+SUFFIXES = {"onnx": onnx.SUFFIX, "torchscript": torchscript.SUFFIX}
+
+__all__ = ["EXPORTERS", "SUFFIXES", "ExportReport", "Source", "default_out", "read_metadata", "export_kind"]
+
+
+def default_out(checkpoint: str | Path, fmt: str) -> Path:
+    """runs/<run>/export/generator.onnx (or .pt) for a checkpoint inside runs/<run>/checkpoints/."""
+    checkpoint = Path(checkpoint)
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return run / "export" / f"generator{SUFFIXES[fmt]}"
+
+
+def export_kind(path: str | Path) -> str:
+    """'torchscript', 'checkpoint' (a torch.save zip) or 'onnx' (anything else, parsed later)."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return "onnx"
+    names = _zip_names(path)
+    script = any(n.endswith(("/constants.pkl", "/extra/" + torchscript.EXTRA_FILE)) or "/code/" in n for n in names)
+    return "torchscript" if script else "checkpoint"
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """gantk's metadata from an .onnx or TorchScript file; CheckpointError (exit 2) if it is not an export."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"export not found: {path}")
+    kind = export_kind(path)
+    if kind == "checkpoint":
+        raise CheckpointError(f"{path}: a torch checkpoint, not a gantk export")
+    meta = _torchscript_metadata(path) if kind == "torchscript" else _onnx_metadata(path)
+    _check(meta, path)
+    return meta
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable zip archive ({e})") from None
+
+
+def _torchscript_metadata(path: Path) -> dict[str, str]:
+    """extra/gantk.json straight from the zip: no torch import, no code run."""
+    with zipfile.ZipFile(path) as z:
+        name = next((n for n in z.namelist() if n.endswith("/extra/" + torchscript.EXTRA_FILE)), None)
+        if name is None:
+            raise CheckpointError(f"{path}: a TorchScript file without gantk metadata (no {torchscript.EXTRA_FILE})")
+        try:
+            meta = json.loads(z.read(name))
+        except (ValueError, zipfile.BadZipFile) as e:
+            raise CheckpointError(f"{path}: unreadable {torchscript.EXTRA_FILE} ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: {torchscript.EXTRA_FILE} is not a JSON object")
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    import onnx as onnx_lib
+
+    try:
+        model = onnx_lib.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path}: not a gantk checkpoint, ONNX or TorchScript file ({reason})") from None
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _check(meta: dict[str, str], path: Path) -> None:
+    if meta.get("kind") != KIND:
+        raise CheckpointError(f"{path}: not a gantk export (no kind={KIND!r} in its metadata)")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: gantk metadata lacks {', '.join(missing)}")
+    if not meta["gantk_format"].isdigit() or int(meta["gantk_format"]) > int(FORMAT_VERSION):
+        raise CheckpointError(f"{path}: export format {meta['gantk_format']!r} is newer than this gantk "
+                              f"({FORMAT_VERSION})")

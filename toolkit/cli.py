@@ -78,8 +78,8 @@ def cli(debug: bool) -> None:
 @click.option("--data-count", type=int, default=None, help="Use at most this many images (synthetic: render this many).")
 @click.option("--recipe", type=click.Choice(["default", "tutorial"]), default="default", show_default=True,
               help="default: the stabilised recipe; tutorial: the seed model exactly as the tutorial trained it.")
-@click.option("--arch", type=click.Choice(["seed", "dcgan"]), default=None, help="Architecture [default: seed].")
-@click.option("--epochs", type=int, default=None, help="Epochs [default: 60].")
+@click.option("--arch", type=click.Choice(["seed", "dcgan"]), default=None, help="Architecture [default: dcgan].")
+@click.option("--epochs", type=int, default=None, help="Epochs [default: 30].")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps in all.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=None, help="Learning rate of G and D [default: 2e-4].")
@@ -87,7 +87,7 @@ def cli(debug: bool) -> None:
 @click.option("--betas", type=(float, float), default=(0.5, 0.999), show_default=True)
 @click.option("--loss", type=click.Choice(["logits", "bce"]), default=None,
               help="logits: BCEWithLogitsLoss [default]; bce: Sigmoid + BCELoss as in the tutorial.")
-@click.option("--spectral-norm/--no-spectral-norm", default=None, help="Spectral norm in D [default: on].")
+@click.option("--spectral-norm/--no-spectral-norm", default=None, help="Spectral norm in D instead of BatchNorm [default: off].")
 @click.option("--label-smoothing", type=float, default=None, help="Target for real images [default: 0.9].")
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the sampling generator, 0 for none [default: 0.999].")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -186,6 +186,172 @@ def doctor(as_json: bool) -> None:
             _echo(f"{k:>24}: {v}")
     for w in r["warnings"]:
         _echo(f"warning: {w}")
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+@cli.command()
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX/TorchScript export, or a checkpoint for --backend torch [default: newest run's export].")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torchscript", "torch"]), default="onnxruntime",
+              show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="auto", show_default=True,
+              help="Where it runs; auto falls back to the CPU with a warning, an explicit one must be active.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("digits"), show_default=True)
+@click.option("--count", type=int, default=10000, show_default=True)
+@click.option("--start", type=int, default=0, show_default=True, help="First index.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shard", default="0/1", show_default=True, help="k/n: only indices i with i mod n == k.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True)
+@click.option("--grid", is_flag=True, help="Also write grid.png, a contact sheet of the first 64.")
+@click.option("--overwrite", is_flag=True, help="Replace another model's/seed's gantk output in --out.")
+@click.option("--parity-samples", type=int, default=64, show_default=True)
+@click.option("--atol", type=float, default=None, help="Parity tolerance [default: 1e-4 fp32, 2e-2 fp16].")
+@click.option("--no-parity", is_flag=True, help="Generate without the parity check against PyTorch.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint to check parity against [default: the source named in the model's metadata].")
+@click.option("--threads", type=int, default=None, help="Intra-op threads on the CPU [default: measured choice].")
+@click.option("--writers", type=int, default=2, show_default=True, help="PNG writer threads.")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@handle_errors
+def generate(**o: Any) -> None:
+    """Generate digits with ONNX Runtime (or TorchScript/torch), parity-checked, resumable, deterministic."""
+    from .generate import Request, generate as run_generate, parse_shard
+
+    _setup_logging(0, o["quiet"])
+    say = (lambda m: None) if o["quiet"] else _echo
+    model = o["model"] or _default_model(o["backend"], o["runs_dir"])
+    if o["model"] is None:
+        say(f"model: {model} (newest run's {'checkpoint' if o['backend'] == 'torch' else 'export'})")
+    req = Request(out=o["out"], seed=o["seed"], start=o["start"], count=o["count"], shard=parse_shard(o["shard"]),
+                  batch_size=o["batch_size"], fmt=o["fmt"], grid=o["grid"], overwrite=o["overwrite"],
+                  parity=not o["no_parity"], parity_samples=o["parity_samples"], atol=o["atol"],
+                  reference=o["reference"], writers=o["writers"])
+    bar = None
+
+    def progress(ev: dict[str, Any]) -> None:
+        nonlocal bar
+        if ev["event"] == "start":
+            bar = _progress_bar(ev["total"], ev["done"], "generate")
+            bar.unit = "img"
+        elif ev["event"] == "written" and bar is not None:
+            bar.update(ev["n"])
+        elif bar is not None:
+            bar.close()
+
+    try:
+        s = run_generate(req, model=model, backend=o["backend"], provider=o["provider"], threads=o["threads"],
+                         progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    _emit_json(s) if o["as_json"] else say(_generate_line(s))
+
+
+def _default_model(backend: str, runs_dir: Path) -> Path:
+    from .checkpoint import newest_run
+    from .errors import UsageError
+
+    run = newest_run(runs_dir)
+    name = {"onnxruntime": "export/generator.onnx", "torchscript": "export/generator.pt",
+            "torch": "checkpoints/last.pt"}[backend]
+    if not (run / name).is_file():
+        fmt = "onnx" if backend == "onnxruntime" else "torchscript"
+        raise UsageError(f"no {name} in the newest run {run} (run `gantk export --format {fmt}` first, or pass --model)")
+    return run / name
+
+
+def _generate_line(s: dict[str, Any]) -> str:
+    p = s["parity"]
+    parity = (f"parity {p['status']}: max abs diff {p['max_abs_diff']:.2g}, {p['pixels_off']:.2%} pixels off "
+              f"({p['samples']} samples)" if p["status"] == "passed" else f"parity {p['status']} ({p['reason']})")
+    rate = f" at {s['images_per_s']:.0f} img/s" if s["images_per_s"] else ""
+    return (f"generate: {s['images']} images in {s['out']} ({s['backend']} on {s['provider']}): {s['written']} "
+            f"written, {s['unchanged']} already there{rate}; {parity}")
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def _export_formats() -> list[str]:
+    from .exporters import EXPORTERS
+
+    return sorted(EXPORTERS)
+
+
+@cli.command("export")
+@click.option("--format", "fmt", type=click.Choice(_export_formats()), default="onnx", show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint or run folder [default: the newest run's last.pt].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output file [default: runs/<run>/export/generator.onnx or generator.pt].")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: 20].")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 (ONNX only) computes in half precision with float32 inputs and outputs.")
+@click.option("--atol", type=float, default=None, help="Max abs diff allowed against eager [default: fp32 1e-4, fp16 2e-2].")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON on stdout.")
+@handle_errors
+def export_cmd(**o: Any) -> None:
+    """Export the generator to ONNX or TorchScript, validated against PyTorch at batch 1, 7 and 256."""
+    from .checkpoint import newest_checkpoint, resolve
+    from .exporters import EXPORTERS, default_out
+
+    if o["checkpoint"] is None:
+        o["checkpoint"] = newest_checkpoint(o["runs_dir"])
+        _echo(f"checkpoint: {o['checkpoint']} (newest run)")
+    checkpoint = resolve(o["checkpoint"])
+    out = o["out"] or default_out(checkpoint, o["fmt"])
+    if o["out"] is None:
+        _echo(f"out: {out}")
+    report = EXPORTERS[o["fmt"]](checkpoint, out, opset=o["opset"], dtype=o["dtype"], atol=o["atol"])
+    if o["as_json"]:
+        _emit_json(report.to_dict())
+    else:
+        _echo_export(report)
+
+
+def _echo_export(r: Any) -> None:
+    opset = f", opset {r.opset}" if r.opset else ""
+    _echo(f"exported {r.format} ({r.dtype}{opset}): {r.path}  {r.size_bytes / 1e6:.2f} MB  sha256 {r.sha256[:16]}")
+    _echo(f"parity at batch {', '.join(map(str, r.batch_sizes))}: max abs diff {r.max_abs_diff:.3g} "
+          f"(atol {r.atol:.3g}), mean {r.mean_abs_diff:.3g}, {100 * r.pixels_off:.4g}% uint8 pixels off")
+    _echo(f"took {r.seconds:.1f}s (validation {r.validate_seconds:.1f}s)")
+
+
+# ------------------------------------------------------------------------------------------ info
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@handle_errors
+def info(path: Path, as_json: bool) -> None:
+    """What a checkpoint, ONNX or TorchScript file holds: kind, I/O, metadata, size, sha256."""
+    from .exporters.info import describe
+
+    d = describe(path)
+    if as_json:
+        _emit_json(d)
+        return
+    _echo_tree(d)
+
+
+def _echo_tree(d: dict[str, Any], indent: int = 0) -> None:
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            _echo(f"{' ' * indent}{k}:")
+            _echo_tree(v, indent + 2)
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            _echo(f"{' ' * indent}{k}:")
+            for item in v:
+                _echo(f"{' ' * (indent + 2)}{item.get('name', '')}: {item.get('dtype', '')} {item.get('shape', '')}")
+        else:
+            _echo(f"{' ' * indent}{k}: {v}")
 
 
 def main() -> None:

@@ -1,0 +1,182 @@
+"""What every exporter shares: the source generator, the metadata, the report, and the staged write.
+
+An export is built into a temp file in the destination folder, validated there, and only then moved
+onto the destination with `os.replace`; a failed export leaves the destination as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from gantk.errors import GantkError, UsageError, VerificationError
+
+FORMAT_VERSION = "1"
+KIND = "gantk-generator"
+INPUT_NAME = "z"
+OUTPUT_NAME = "image"
+OUTPUT_RANGE = "[-1, 1]"
+META_KEYS = ("gantk_format", "kind", "arch", "latent_shape", "output_range", "input_name", "output_name",
+             "dtype", "source_checkpoint", "source_sha256", "step", "versions")
+DTYPES = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Source:
+    """The eager generator an export is made from, and where it came from."""
+
+    generator: Any
+    arch: str
+    latent_shape: tuple[int, ...]
+    checkpoint: str = ""
+    sha256: str = ""
+    step: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "Source":
+        from gantk import checkpoint
+
+        path = checkpoint.resolve(path)
+        state = checkpoint.load(path)
+        g = checkpoint.generator_from(state)
+        return cls(g, state["config"]["arch"], tuple(g.latent_shape), str(path.resolve()),
+                   checkpoint.sha256(path), int(state.get("step", 0)))
+
+    @classmethod
+    def from_generator(cls, g, *, arch: str) -> "Source":
+        """A generator with no checkpoint behind it (tests, notebooks); the metadata says so."""
+        return cls(g.eval().requires_grad_(False), arch, tuple(g.latent_shape))
+
+
+def as_source(source: "Source | str | Path") -> Source:
+    return source if isinstance(source, Source) else Source.from_checkpoint(source)
+
+
+def metadata(source: Source, *, dtype: str, versions: dict[str, str]) -> dict[str, str]:
+    """The gantk metadata every export carries; all values are strings (ONNX metadata_props are)."""
+    return {
+        "gantk_format": FORMAT_VERSION, "kind": KIND, "arch": source.arch,
+        "latent_shape": json.dumps(list(source.latent_shape)), "output_range": OUTPUT_RANGE,
+        "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "dtype": dtype,
+        "source_checkpoint": source.checkpoint, "source_sha256": source.sha256,
+        "step": str(source.step), "versions": json.dumps(versions, sort_keys=True),
+    }
+
+
+def versions(*modules: str) -> dict[str, str]:
+    """gantk's version and those of the named, already importable modules."""
+    import importlib
+
+    from gantk import __version__
+
+    out = {"gantk": __version__}
+    for name in modules:
+        out[name] = str(getattr(importlib.import_module(name), "__version__", "unknown"))
+    return out
+
+
+@dataclass
+class ExportReport:
+    """What `export` did and how well the file matched the eager generator."""
+
+    format: str
+    path: str
+    sha256: str
+    size_bytes: int
+    dtype: str
+    arch: str
+    source_checkpoint: str
+    step: int
+    opset: int | None
+    torch_version: str
+    batch_sizes: tuple[int, ...]
+    max_abs_diff: float
+    mean_abs_diff: float
+    pixels_off: float           # share of uint8 pixels that differ after round((x + 1) * 127.5)
+    batch_consistency: float    # max |export(z[:n]) - export(z[:256])[:n]| over the batch sizes
+    atol: float
+    seconds: float              # build + validate + move, in all
+    validate_seconds: float
+    per_batch: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["batch_sizes"] = list(self.batch_sizes)
+        d["per_batch"] = {str(k): v for k, v in self.per_batch.items()}
+        return d
+
+
+def report(fmt: str, src: Source, out: Path, parity, *, opset: int | None, dtype: str,
+           seconds: float) -> ExportReport:
+    """The report of a validated export now at `out`."""
+    import torch
+
+    from gantk.checkpoint import sha256
+
+    return ExportReport(
+        format=fmt, path=str(out), sha256=sha256(out), size_bytes=out.stat().st_size, dtype=dtype,
+        arch=src.arch, source_checkpoint=src.checkpoint, step=src.step, opset=opset,
+        torch_version=str(torch.__version__), batch_sizes=parity.batch_sizes,
+        max_abs_diff=parity.max_abs_diff, mean_abs_diff=parity.mean_abs_diff, pixels_off=parity.pixels_off,
+        batch_consistency=parity.batch_consistency, atol=parity.atol, seconds=seconds,
+        validate_seconds=parity.seconds, per_batch=parity.per_batch)
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+
+
+def destination(out: str | Path) -> Path:
+    """`out` as an absolute path whose folder exists and is writable; UsageError if it is a folder."""
+    out = Path(out).expanduser().absolute()
+    if out.is_dir():
+        raise UsageError(f"--out is an existing directory: {out} (give a file path)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GantkError(f"cannot create folder {out.parent}: {e.strerror or e}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise GantkError(f"folder not writable: {out.parent}")
+    return out
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temp path beside `out`; removed on the way out unless `commit` moved it into place.
+
+    A VerificationError raised inside gains a note that `out` was not touched.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise GantkError(f"cannot write in {out.parent}: {e.strerror or e}") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except VerificationError as e:
+        state = "left unchanged" if out.exists() else "nothing written"
+        raise VerificationError(f"{e}; {state}: {out}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def commit(tmp: Path, out: Path) -> None:
+    """fsync the validated temp file and move it onto `out` atomically."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, out)
+    with contextlib.suppress(OSError):
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

@@ -1,0 +1,80 @@
+"""Inference rewrites shared by the exporters: BatchNorm folding and stride-1 ConvTranspose -> Conv.
+
+Both are exact in real arithmetic and change float32 results only by rounding (about 1e-7 here).
+They work on a deep copy; the generator passed in is left as it was.
+"""
+from __future__ import annotations
+
+import copy
+
+
+def fold_batchnorm(g):
+    """A copy of `g` (eval mode) with every BatchNorm2d merged into the (transposed) conv before it."""
+    from torch import nn
+
+    g = copy.deepcopy(g).eval()
+    layers = list(g.net)
+    out = []
+    for layer in layers:
+        if isinstance(layer, nn.BatchNorm2d) and out and isinstance(out[-1], (nn.Conv2d, nn.ConvTranspose2d)):
+            out[-1] = _merge(out[-1], layer)
+        else:
+            out.append(layer)
+    g.net = nn.Sequential(*out)
+    return g.requires_grad_(False)
+
+
+def _merge(conv, bn):
+    """conv followed by bn in eval mode, as one conv with a bias."""
+    import torch
+
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)             # (Cout,)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    merged = copy.deepcopy(conv)
+    # Conv2d weight is (Cout, Cin, k, k); ConvTranspose2d weight is (Cin, Cout/groups, k, k).
+    shape = (1, -1, 1, 1) if isinstance(conv, torch.nn.ConvTranspose2d) else (-1, 1, 1, 1)
+    merged.weight = torch.nn.Parameter(conv.weight * scale.reshape(shape), requires_grad=False)
+    merged.bias = torch.nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+    return merged
+
+
+def stride1_as_conv(g):
+    """A copy of `g` where each stride-1 ConvTranspose2d is the equivalent Conv2d.
+
+    A stride-1 transposed conv with padding p is a conv with the kernel flipped in both spatial axes,
+    its in/out channels swapped, and padding k-1-p. ONNX Runtime's Conv is faster than ConvTranspose.
+    Strided transposed convs (dcgan) stay as they are.
+    """
+    from torch import nn
+
+    g = copy.deepcopy(g).eval()
+    g.net = nn.Sequential(*[_as_conv(m) if _convertible(m) else m for m in g.net])
+    return g.requires_grad_(False)
+
+
+def _convertible(m) -> bool:
+    from torch import nn
+
+    return (isinstance(m, nn.ConvTranspose2d) and m.stride == (1, 1) and m.dilation == (1, 1)
+            and m.groups == 1 and m.output_padding == (0, 0) and m.padding_mode == "zeros"
+            and all(p <= k - 1 for p, k in zip(m.padding, m.kernel_size)))
+
+
+def _as_conv(t):
+    import torch
+    from torch import nn
+
+    k = t.kernel_size
+    pad = (k[0] - 1 - t.padding[0], k[1] - 1 - t.padding[1])
+    conv = nn.Conv2d(t.in_channels, t.out_channels, k, padding=pad, bias=t.bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(t.weight.transpose(0, 1).flip(2, 3))  # (Cout, Cin, k, k)
+        if t.bias is not None:
+            conv.bias.copy_(t.bias)
+    return conv.to(t.weight.device).requires_grad_(False)
+
+
+def for_inference(g, *, convs: bool):
+    """BatchNorm folded, and with `convs` the stride-1 transposed convs rewritten as convs."""
+    g = fold_batchnorm(g)
+    return stride1_as_conv(g) if convs else g

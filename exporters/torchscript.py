@@ -1,0 +1,93 @@
+"""TorchScript export of a gantk generator: scripted, frozen, validated after reloading from disk.
+
+`torch.jit.script` (not `trace`) so no shape is baked in at tracing; `torch.jit.freeze` inlines the
+weights as constants for inference. BatchNorm is folded in torch first. The metadata travels in
+`_extra_files={"gantk.json": ...}`, so a program that imports only torch reads it with
+`torch.jit.load(path, _extra_files={"gantk.json": ""})`. float32 only: fp16 is an ONNX option.
+
+torch 2.15 marks torch.jit as deprecated (FutureWarning on every call); TorchScript is still what a
+torch-only C++/Python program loads without gantk, so we keep it and silence that one warning here.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from pathlib import Path
+
+from gantk.errors import UsageError
+
+from .base import ExportReport, Source, as_source, commit, destination, metadata, report, staged, versions
+from .fold import for_inference
+
+FORMAT = "torchscript"
+SUFFIX = ".pt"
+EXTRA_FILE = "gantk.json"
+
+
+def export(source: Source | str | Path, out: str | Path, *, opset: int | None = None, dtype: str = "fp32",
+           atol: float | None = None) -> ExportReport:
+    """Export `source` (a checkpoint path or a Source) to `out`; VerificationError if it does not match."""
+    check_options(opset=opset, dtype=dtype)
+    src = as_source(source)
+    out = destination(out)
+    from . import validate
+
+    atol = validate.TOLERANCE[dtype] if atol is None else atol
+    t0 = time.perf_counter()
+    with staged(out) as tmp:
+        _save(_build(src), tmp, metadata(src, dtype=dtype, versions=versions("torch")))
+        parity = validate.compare(_runner(tmp), src.generator, atol=atol)
+        validate.require(parity, what=f"TorchScript export of {src.checkpoint or src.arch}")
+        commit(tmp, out)
+    return report(FORMAT, src, out, parity, opset=None, dtype=dtype, seconds=time.perf_counter() - t0)
+
+
+def check_options(*, opset: int | None, dtype: str) -> None:
+    if opset is not None:
+        raise UsageError("--opset applies to ONNX only")
+    if dtype != "fp32":
+        raise UsageError(f"TorchScript exports are fp32 only (got {dtype}); use --format onnx --dtype fp16")
+
+
+def _build(src: Source):
+    """Scripted and frozen, from the generator with BatchNorm folded."""
+    import torch
+
+    g = _prepare(src.generator)
+    with _quiet_jit():
+        return torch.jit.freeze(torch.jit.script(g))
+
+
+def _prepare(generator):
+    """The module that is scripted. (Tests replace this to show that batch dependence fails validation.)"""
+    return for_inference(generator.cpu(), convs=False)
+
+
+def _save(module, path: Path, meta: dict[str, str]) -> None:
+    import torch
+
+    with _quiet_jit():
+        torch.jit.save(module, str(path), _extra_files={EXTRA_FILE: json.dumps(meta, sort_keys=True)})
+
+
+def _runner(path: Path):
+    """The file as a fresh `torch.jit.load` sees it, not the module still in memory."""
+    import torch
+
+    with _quiet_jit():
+        module = torch.jit.load(str(path), map_location="cpu")
+
+    def run(z):
+        with torch.inference_mode():
+            return module(torch.from_numpy(z)).numpy()
+
+    return run
+
+
+@contextlib.contextmanager
+def _quiet_jit():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*is deprecated", FutureWarning, r"torch\.jit")
+        yield

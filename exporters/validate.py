@@ -1,0 +1,117 @@
+"""Validation shared by every exporter: the export against the eager generator on fixed noise.
+
+The eager generator runs once on 256 fixed noise vectors (float32, CPU). The export runs on the first
+1, 7 and 256 of them, and each of its outputs is compared with the same rows of the eager output. An
+export whose image i depends on the batch it sits in (a batch axis frozen at tracing, training-mode
+BatchNorm) cannot match at every size, so it fails here. Figures: max and mean absolute difference,
+and the share of uint8 pixels that differ after round((x + 1) * 127.5).
+
+Tolerances (max absolute difference on outputs in [-1, 1]):
+  fp32: 1e-4. Folding BatchNorm and reordering sums move outputs by about 1e-7.
+  fp16: 2e-2. Weights and activations rounded to half precision (11-bit mantissa, relative error
+        about 5e-4 per rounding) through up to 7 layers; measured figures are in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from gantk.errors import VerificationError
+
+BATCH_SIZES = (1, 7, 256)
+NOISE_SEED = 12345
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Parity:
+    batch_sizes: tuple[int, ...]
+    max_abs_diff: float
+    mean_abs_diff: float
+    pixels_off: float
+    batch_consistency: float
+    atol: float
+    seconds: float
+    per_batch: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.atol
+
+    def summary(self) -> str:
+        worst = max(self.per_batch, key=lambda n: self.per_batch[n]["max_abs_diff"])
+        return (f"max abs diff {self.max_abs_diff:.3g} (atol {self.atol:.3g}, worst at batch {worst}), "
+                f"mean {self.mean_abs_diff:.3g}, {100 * self.pixels_off:.4g}% uint8 pixels off, "
+                f"batch consistency {self.batch_consistency:.3g}")
+
+
+def fixed_noise(latent_shape: tuple[int, ...], *, count: int = max(BATCH_SIZES)) -> np.ndarray:
+    """The same float32 standard-normal noise on every machine (numpy's PCG64, fixed seed)."""
+    rng = np.random.default_rng(NOISE_SEED)
+    return rng.standard_normal((count, *latent_shape), dtype=np.float32)
+
+
+def to_pixels(x: np.ndarray) -> np.ndarray:
+    x = np.nan_to_num(x.astype(np.float64), nan=-1.0)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def eager(generator, z: np.ndarray) -> np.ndarray:
+    """The reference: the eager generator in float32 on CPU."""
+    import torch
+
+    g = generator.float().cpu().eval()
+    with torch.no_grad():
+        return g(torch.from_numpy(z)).numpy()
+
+
+def compare(run: Runner, generator, *, atol: float, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> Parity:
+    """Run the export at each batch size and compare with the eager generator; never raises on a mismatch."""
+    t0 = time.perf_counter()
+    z = fixed_noise(tuple(generator.latent_shape), count=max(batch_sizes))
+    ref = eager(generator, z)
+    outs = {n: _run(run, z[:n], ref[:n].shape, n) for n in batch_sizes}
+    per_batch = {n: _figures(out, ref[: len(out)]) for n, out in outs.items()}
+    full = outs[max(batch_sizes)]
+    consistency = max(_max_diff(out, full[: len(out)]) for out in outs.values())
+    diffs = np.concatenate([_abs_diff(out, ref[: len(out)]).ravel() for out in outs.values()])
+    pixels = np.concatenate([(to_pixels(out) != to_pixels(ref[: len(out)])).ravel() for out in outs.values()])
+    return Parity(tuple(batch_sizes), float(diffs.max()), float(diffs.mean()), float(pixels.mean()),
+                  consistency, atol, time.perf_counter() - t0, per_batch)
+
+
+def require(parity: Parity, *, what: str) -> None:
+    """VerificationError with the figures when `parity` is beyond tolerance."""
+    if not parity.ok:
+        raise VerificationError(f"{what} does not match the eager generator: {parity.summary()}")
+
+
+def _run(run: Runner, z: np.ndarray, shape: tuple[int, ...], n: int) -> np.ndarray:
+    try:
+        out = np.asarray(run(np.ascontiguousarray(z)))
+    except Exception as e:  # a frozen batch axis, an unsupported op: the export does not work at this size
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VerificationError(f"export failed at batch size {n}: {first[:300]}") from None
+    if out.shape != shape:
+        raise VerificationError(f"export returned shape {out.shape} at batch size {n}, expected {shape}")
+    return out.astype(np.float32, copy=False)
+
+
+def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return np.where(np.isfinite(d), d, np.inf)  # NaN must fail, not compare False
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(_abs_diff(a, b).max())
+
+
+def _figures(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    d = _abs_diff(out, ref)
+    return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
+            "pixels_off": float((to_pixels(out) != to_pixels(ref)).mean())}
