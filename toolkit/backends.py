@@ -1,0 +1,295 @@
+"""Inference backends behind one call: `backend(z: np.ndarray) -> np.ndarray`.
+
+- `onnxruntime` (an ONNX export): CPU, CUDA (IO binding, device-resident output, one fixed batch shape
+  with the last batch padded) or TensorRT, chosen with `provider`;
+- `torchscript` (a TorchScript export) and `torch` (a checkpoint, eager): CPU or CUDA.
+
+Every backend takes float32 noise `(N, *latent_shape)` and returns float32 images `(N, 1, 32, 32)`.
+Backends that are not batch-size invariant on their own (torch, CUDA) run one fixed compute shape and
+pad, so that image i never depends on which batch it was in. After an onnxruntime session is made,
+`get_providers()` says what really runs: an explicitly requested provider that is not active is a
+UsageError naming the cause; `auto` falls back to the CPU with a warning.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import CheckpointError, UsageError
+
+log = logging.getLogger("gantk")
+
+BACKENDS = ("onnxruntime", "torchscript", "torch")
+PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
+IMAGE_SHAPE = (1, 32, 32)
+FIXED_BATCH = 64  # compute shape of the torch backends on CPU (position in a fixed-shape batch is invariant)
+ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+@dataclass
+class Backend:
+    """A loaded model: call it with noise, read what really runs from `provider` and `settings`."""
+
+    name: str
+    path: Path
+    provider: str
+    metadata: dict[str, Any]
+    run: Callable[[np.ndarray], np.ndarray]
+    settings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.metadata["latent_shape"])
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        return self.run(np.ascontiguousarray(z, dtype=np.float32))
+
+
+def default_threads() -> int:
+    """onnxruntime/torch intra-op threads: leave a core to the PNG writers (measured, see bench_generate)."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else min(4, cores - 1)
+
+
+def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_size: int = 256,
+                 threads: int | None = None) -> Backend:
+    """Load `path` as backend `kind`; UsageError/CheckpointError before anything runs if it cannot."""
+    if kind not in BACKENDS:
+        raise UsageError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")
+    if provider not in PROVIDERS:
+        raise UsageError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model not found: {path}")
+    threads = threads or default_threads()
+    opener = {"onnxruntime": _open_onnx, "torchscript": _open_torchscript, "torch": _open_torch}[kind]
+    return opener(path, provider=provider, batch_size=batch_size, threads=threads)
+
+
+# ------------------------------------------------------------------------------------------ metadata
+
+
+def check_metadata(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    """Validate gantk's export metadata (all values strings) and return it with latent_shape parsed."""
+    if meta.get("kind") != "gantk-generator" or "gantk_format" not in meta:
+        raise CheckpointError(f"{path}: not a gantk generator export (no gantk metadata)")
+    if int(meta["gantk_format"]) > 1:
+        raise CheckpointError(f"{path}: export format {meta['gantk_format']} is newer than this gantk (1)")
+    try:
+        latent = tuple(int(v) for v in json.loads(meta["latent_shape"]))
+    except (KeyError, ValueError, TypeError):
+        raise CheckpointError(f"{path}: gantk metadata has no valid latent_shape") from None
+    if meta.get("input_name", "z") != "z" or meta.get("output_name", "image") != "image":
+        raise CheckpointError(f"{path}: gantk metadata names I/O other than z -> image")
+    return {**meta, "latent_shape": latent}
+
+
+def _cuda_reason() -> str | None:
+    """Why CUDA cannot run here, or None. Importing torch first also makes its CUDA libraries visible."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is built without CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ onnxruntime
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UsageError("onnxruntime is not installed: pip install onnxruntime-gpu (or onnxruntime)") from None
+    return ort
+
+
+def _open_onnx(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
+    reason = None if provider == "cpu" else _cuda_reason()  # torch first: its CUDA libs become visible
+    ort = _import_ort()
+    wanted, warnings = _wanted_provider(ort, provider, reason)
+    if wanted != "cpu" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls(directory=None)  # CUDA/cuDNN from torch or the nvidia wheels, the supported way
+    session = _session(ort, path, wanted=wanted, threads=threads)
+    active = _active_provider(session.get_providers())
+    if active != wanted:
+        warnings += _not_active(provider, wanted, active, reason)
+    meta = check_metadata(session.get_modelmeta().custom_metadata_map, path)
+    _check_io(session, meta, path)
+    run = _iobinding_runner(ort, session, meta["latent_shape"], batch_size) if active != "cpu" \
+        else (lambda z: session.run(["image"], {"z": z})[0])
+    settings = {"intra_op_num_threads": threads if active == "cpu" else None, "providers": session.get_providers(),
+                "fixed_batch": batch_size if active != "cpu" else None}
+    return Backend("onnxruntime", path, active, meta, run, settings, warnings)
+
+
+def _wanted_provider(ort, provider: str, reason: str | None) -> tuple[str, list[str]]:
+    available = ort.get_available_providers()
+    if provider == "auto":
+        if reason is None and ORT_NAMES["cuda"] in available:
+            return "cuda", []
+        why = reason or "onnxruntime was built without CUDAExecutionProvider"
+        msg = f"provider auto: CUDA not usable ({why}); running on the CPU"
+        log.warning(msg)
+        return "cpu", [msg]
+    if ORT_NAMES[provider] not in available:
+        raise UsageError(f"provider {provider} requested but this onnxruntime ({ort.__version__}) has no "
+                         f"{ORT_NAMES[provider]} (available: {', '.join(available)})")
+    if provider != "cpu" and reason is not None:
+        raise UsageError(f"provider {provider} requested but not usable: {reason}")
+    return provider, []
+
+
+def _not_active(provider: str, wanted: str, active: str, reason: str | None) -> list[str]:
+    cause = reason or f"onnxruntime could not create {ORT_NAMES[wanted]} (see its log with --debug)"
+    if provider != "auto":
+        raise UsageError(f"provider {provider} requested but not active after session creation "
+                         f"(running: {active}): {cause}")
+    msg = f"provider auto: {ORT_NAMES[wanted]} did not start ({cause}); running on {active}"
+    log.warning(msg)
+    return [msg]
+
+
+def _active_provider(names: list[str]) -> str:
+    inverse = {v: k for k, v in ORT_NAMES.items()}
+    return inverse.get(names[0], names[0]) if names else "cpu"
+
+
+def _session(ort, path: Path, *, wanted: str, threads: int):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning starves the writers
+    so.log_severity_level = 0 if log.isEnabledFor(logging.DEBUG) else 4
+    try:
+        return ort.InferenceSession(str(path), so, providers=_provider_list(wanted))
+    except Exception as e:  # InvalidProtobuf, Fail, ...: not a loadable ONNX model
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a loadable ONNX model ({first[:160]})") from None
+
+
+def _provider_list(wanted: str) -> list:
+    """CUDA with TF32 off (parity); TensorRT in fp32, its engine built once for our one fixed shape."""
+    cuda = ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"})
+    trt = ("TensorrtExecutionProvider", {"device_id": 0, "trt_fp16_enable": "False"})
+    return {"cpu": ["CPUExecutionProvider"], "cuda": [cuda, "CPUExecutionProvider"],
+            "tensorrt": [trt, cuda, "CPUExecutionProvider"]}[wanted]
+
+
+def _check_io(session, meta: dict[str, Any], path: Path) -> None:
+    ins, outs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in ins] != ["z"] or "image" not in [o.name for o in outs]:
+        raise CheckpointError(f"{path}: expected input 'z' and output 'image', found "
+                              f"{[i.name for i in ins]} -> {[o.name for o in outs]}")
+    if ins[0].type != "tensor(float)" or list(ins[0].shape[1:]) != list(meta["latent_shape"]):
+        raise CheckpointError(f"{path}: input z is {ins[0].type} {ins[0].shape}, metadata says "
+                              f"float32 (N, {', '.join(map(str, meta['latent_shape']))})")
+
+
+def _iobinding_runner(ort, session, latent: tuple[int, ...], batch: int) -> Callable:
+    """CUDA/TensorRT: one fixed input shape on the device, output bound to a device-resident buffer."""
+    binding = session.io_binding()
+    z_dev = ort.OrtValue.ortvalue_from_shape_and_type((batch, *latent), np.float32, "cuda", 0)
+    out_dev = ort.OrtValue.ortvalue_from_shape_and_type((batch, *IMAGE_SHAPE), np.float32, "cuda", 0)
+    binding.bind_ortvalue_input("z", z_dev)
+    binding.bind_ortvalue_output("image", out_dev)
+
+    def run_fixed(z: np.ndarray) -> np.ndarray:
+        z_dev.update_inplace(z)
+        session.run_with_iobinding(binding)
+        return out_dev.numpy()
+
+    return fixed_batch(run_fixed, batch, latent)
+
+
+def fixed_batch(run: Callable[[np.ndarray], np.ndarray], batch: int, latent: tuple[int, ...]) -> Callable:
+    """Wrap `run` so it only ever sees (batch, *latent): split larger inputs, zero-pad the last chunk."""
+
+    def call(z: np.ndarray) -> np.ndarray:
+        outs = []
+        for lo in range(0, len(z), batch):
+            chunk = z[lo:lo + batch]
+            n = len(chunk)
+            if n < batch:
+                chunk = np.concatenate([chunk, np.zeros((batch - n, *latent), np.float32)])
+            outs.append(run(chunk)[:n].copy())
+        return np.concatenate(outs) if outs else np.zeros((0, *IMAGE_SHAPE), np.float32)
+
+    return call
+
+
+# ------------------------------------------------------------------------------------------ torch
+
+
+def _torch_device(provider: str) -> str:
+    if provider == "tensorrt":
+        raise UsageError("provider tensorrt is only available with --backend onnxruntime")
+    reason = None if provider == "cpu" else _cuda_reason()
+    if provider == "cuda" and reason:
+        raise UsageError(f"provider cuda requested but not usable: {reason}")
+    if provider == "auto" and reason:
+        log.warning("provider auto: CUDA not usable (%s); running on the CPU", reason)
+    return "cuda" if reason is None and provider != "cpu" else "cpu"
+
+
+def _torch_runner(module, device: str, batch: int, latent: tuple[int, ...], threads: int) -> Callable:
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    else:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def run(z: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(z).to(device)).float().cpu().numpy()
+
+    return fixed_batch(run, batch, latent)
+
+
+def _open_torchscript(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
+    import torch
+
+    extra = {"gantk.json": ""}
+    try:
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a loadable TorchScript file ({first[:160]})") from None
+    try:
+        meta = check_metadata(json.loads(extra["gantk.json"] or "{}"), path)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: gantk.json in the TorchScript file is not JSON") from None
+    return _torch_backend("torchscript", path, module, meta, provider, batch_size, threads)
+
+
+def _open_torch(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
+    from .checkpoint import generator_from, load, sha256
+
+    state = load(path)
+    meta = {"kind": "gantk-generator", "gantk_format": "1", "arch": state["config"]["arch"],
+            "latent_shape": tuple(state["latent_shape"]), "output_range": "[-1, 1]", "dtype": "float32",
+            "source_checkpoint": str(path), "source_sha256": sha256(path), "step": str(state["step"])}
+    return _torch_backend("torch", path, generator_from(state), meta, provider, batch_size, threads)
+
+
+def _torch_backend(name, path, module, meta, provider, batch_size, threads) -> Backend:
+    device = _torch_device(provider)
+    module = module.to(device).eval()
+    batch = FIXED_BATCH if device == "cpu" else batch_size
+    run = _torch_runner(module, device, batch, tuple(meta["latent_shape"]), threads)
+    settings = {"device": device, "fixed_batch": batch, "threads": threads if device == "cpu" else None}
+    return Backend(name, path, device, meta, run, settings)

@@ -1,0 +1,544 @@
+"""Generate digits: noise per index, batched inference overlapped with a pool of PNG writers, a manifest
+that makes a re-run a no-op and an interrupted run resumable, and a parity check against eager PyTorch
+before anything is written.
+
+Determinism. The noise of image i is `np.random.default_rng([seed, i]).standard_normal(latent_shape)`
+(float32): it depends on (seed, i) only, never on the batch it falls in, the range or the shard.
+Backends either are batch-size invariant (onnxruntime on the CPU: checked by the tests) or compute in
+one fixed shape with padding (torch, CUDA), so the PNG bytes of image i are the same for any
+`batch_size`, any `start/count` split and any shard.
+
+Shards. `shard=(k, n)` takes every index i of [start, start + count) with i % n == k (strided, so
+every shard gets an equal share of any range). n machines running shards 0..n-1 into one folder each,
+or one after another into the same folder, write exactly the files of the unsharded run.
+
+The output folder holds `<index:06d>.png` (or one `images-<first>-<stop>[-shard<k>of<n>].npy`),
+`manifest.json` (identity: model sha256, seed, format; then index, file, sha256 per image) and
+`summary.json` (what ran where, how fast, the parity figures); `grid.png` with `grid=True`.
+Every file is written to a temp file in the folder and moved into place with `os.replace`. PNGs are
+not fsynced one by one (5 ms each); instead every run checks each recorded file's sha256, so a file
+lost or damaged by a crash, or by anyone, is found and rewritten. Files gantk did not write are never
+deleted or overwritten.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import GantkError, UsageError, VerificationError
+
+log = logging.getLogger("gantk")
+
+MANIFEST, SUMMARY, GRID = "manifest.json", "summary.json", "grid.png"
+MANIFEST_KIND = "gantk-generate-manifest"
+TMP_PREFIX = ".gantk-tmp-"
+NAME_WIDTH = 6
+FORMATS = ("png", "npy")
+CHUNK = 32             # images per writer task
+FLUSH_SECONDS = 2.0    # manifest checkpoint interval during a run
+GRID_COLS, GRID_MAX = 8, 64
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to generate and where; validated by `check_request` before anything is opened."""
+
+    out: Path
+    seed: int = 0
+    start: int = 0
+    count: int = 10000
+    shard: tuple[int, int] = (0, 1)
+    batch_size: int = 256
+    fmt: str = "png"
+    grid: bool = False
+    overwrite: bool = False
+    parity: bool = True
+    parity_samples: int = 64
+    atol: float | None = None
+    reference: Path | None = None
+    writers: int = 2
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+    def indices(self) -> range:
+        k, n = self.shard
+        return range(self.start + (k - self.start) % n, self.stop, n)
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def noise(seed: int, indices, latent_shape: tuple[int, ...]) -> np.ndarray:
+    """float32 (len(indices), *latent_shape); row j depends only on (seed, indices[j])."""
+    out = np.empty((len(indices), *latent_shape), np.float32)
+    for j, i in enumerate(indices):
+        out[j] = np.random.default_rng([seed, int(i)]).standard_normal(latent_shape, dtype=np.float32)
+    return out
+
+
+def to_pixels(x: np.ndarray) -> np.ndarray:
+    """(N,1,32,32) in [-1,1] -> uint8 (N,32,32): round((x + 1) * 127.5), clipped."""
+    return np.clip(np.rint((x[:, 0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def encode_png(px: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(px, "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def file_name(i: int) -> str:
+    return f"{i:0{NAME_WIDTH}d}.png"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'k/n' -> (k, n) with 0 <= k < n."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must look like k/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise UsageError(f"--shard {text}: need 0 <= k < n")
+    return k, n
+
+
+def check_request(req: Request) -> None:
+    """Bad input -> UsageError, before anything is opened or written."""
+    checks = [(req.count >= 1, f"--count must be at least 1, got {req.count}"),
+              (req.start >= 0, f"--start must not be negative, got {req.start}"),
+              (req.batch_size >= 1, f"--batch-size must be at least 1, got {req.batch_size}"),
+              (req.seed >= 0, f"--seed must not be negative, got {req.seed}"),
+              (req.writers >= 1, f"--writers must be at least 1, got {req.writers}"),
+              (req.parity_samples >= 1, f"--parity-samples must be at least 1, got {req.parity_samples}"),
+              (req.fmt in FORMATS, f"unknown format {req.fmt!r} (choose from {', '.join(FORMATS)})"),
+              (req.atol is None or req.atol >= 0, "--atol must not be negative")]
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
+    parse_shard(f"{req.shard[0]}/{req.shard[1]}")
+    if len(req.indices()) == 0:
+        raise UsageError(f"shard {req.shard[0]}/{req.shard[1]} has no index in [{req.start}, {req.stop})")
+
+
+def check_out(out: Path) -> None:
+    """--out must be a folder (or not exist yet) that gantk can write in; probe it, leaving no trace."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file (give a folder)")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + "probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise GantkError(f"--out {out} is not writable ({probe}: {e.strerror or e})") from None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file beside `path`, then os.replace: never a partial file under the final name (no fsync)."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _sha256_file(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ the folder
+
+
+@dataclass
+class Folder:
+    """The output folder's manifest: who owns it (identity) and what gantk wrote there (sha256 per file)."""
+
+    path: Path
+    identity: dict[str, Any]
+    files: dict[int, dict[str, str]] = field(default_factory=dict)
+    arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
+    claimed: bool = False       # a manifest of this identity existed when the run started
+    _last_flush: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        rows = [json.dumps({"index": i, **self.files[i]}, sort_keys=True) for i in sorted(self.files)]
+        head = json.dumps({"kind": MANIFEST_KIND, "format": 1, "identity": self.identity,
+                           "arrays": [self.arrays[k] for k in sorted(self.arrays)]}, sort_keys=True)
+        return (head[:-1] + ', "files": [\n' + ",\n".join(rows) + "\n]}\n").encode()
+
+    def flush(self, *, force: bool = True) -> bool:
+        """Write manifest.json if its bytes changed; False when nothing needed writing."""
+        from .checkpoint import atomic_write_bytes
+
+        if not force and time.monotonic() - self._last_flush < FLUSH_SECONDS:
+            return False
+        self._last_flush = time.monotonic()
+        data, path = self.to_bytes(), self.path / MANIFEST
+        if path.is_file() and path.read_bytes() == data:
+            return False
+        atomic_write_bytes(path, data)
+        return True
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("kind") != MANIFEST_KIND:
+        raise UsageError(f"{path} exists and is not a gantk generate manifest; choose another --out")
+    return doc
+
+
+def open_folder(out: Path, identity: dict[str, Any], *, overwrite: bool) -> tuple[Folder, dict | None]:
+    """The folder as this run will own it, and the other identity's manifest when --overwrite replaces it."""
+    doc = read_manifest(out)
+    if doc is None:
+        return Folder(out, identity), None
+    if doc["identity"] != identity:
+        if not overwrite:
+            raise UsageError(f"{out} holds output of another model/seed/format ({_differs(doc['identity'], identity)}); "
+                             f"use another --out, or --overwrite to replace gantk's files there")
+        return Folder(out, identity, claimed=True), doc
+    files = {int(r["index"]): {"file": r["file"], "sha256": r["sha256"]} for r in doc.get("files", [])}
+    arrays = {a["file"]: a for a in doc.get("arrays", [])}
+    return Folder(out, identity, files, arrays, claimed=True), None
+
+
+def _differs(old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {str(old.get(k))[:16]} vs {str(new.get(k))[:16]}" for k in keys)
+
+
+def plan_pngs(folder: Folder, indices: range) -> tuple[list[int], int]:
+    """Indices still to write, and how many are already there with their recorded hash."""
+    todo, kept = [], 0
+    for i in indices:
+        entry = folder.files.get(i)
+        path = folder.path / file_name(i)
+        if entry and entry["file"] == path.name and _sha256_file(path) == entry["sha256"]:
+            kept += 1
+        elif entry is None and path.exists() and not folder.claimed:
+            raise UsageError(f"{path} exists and was not written by gantk; move it away or choose another --out")
+        else:
+            todo.append(i)
+    return todo, kept
+
+
+def _drop_replaced(out: Path, old: dict | None) -> int:
+    """--overwrite: delete the files another identity's manifest lists, where they still hold gantk's bytes."""
+    removed = 0
+    entries = (old or {}).get("files", []) + (old or {}).get("arrays", [])
+    for e in entries:
+        path = out / e["file"]
+        if _sha256_file(path) == e["sha256"]:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _clean_temps(out: Path) -> None:
+    for p in out.glob(TMP_PREFIX + "*"):
+        p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+def parity_indices(req: Request) -> list[int]:
+    """Up to `parity_samples` indices spread evenly over the requested range (this shard's indices)."""
+    idx = req.indices()
+    picks = np.linspace(0, len(idx) - 1, min(req.parity_samples, len(idx))).round().astype(int)
+    return sorted({idx[p] for p in picks})
+
+
+def find_reference(meta: dict[str, Any], model: Path, reference: Path | None) -> tuple[Path | None, str]:
+    """The checkpoint to compare with, and a note; (None, why) when there is none to trust."""
+    from .checkpoint import resolve, sha256
+
+    want = meta.get("source_sha256", "")
+    if reference is not None:
+        path = resolve(reference)
+        got = sha256(path)
+        if want and got != want:
+            raise UsageError(f"--reference {path}: sha256 {got[:12]}... is not the model's source "
+                             f"checkpoint ({want[:12]}...)")
+        return path, f"--reference {path}" + ("" if want else " (the model records no source sha256)")
+    src = meta.get("source_checkpoint", "")
+    if not src:
+        return None, f"{model} names no source checkpoint in its metadata"
+    path = Path(src) if Path(src).is_absolute() else model.parent / src
+    if not path.is_file():
+        return None, f"the source checkpoint named in {model.name}'s metadata is not there: {src}"
+    if want and sha256(path) != want:
+        return None, f"the source checkpoint {src} changed since the export (sha256 differs)"
+    return path, f"source checkpoint {path} (sha256 matches the metadata)"
+
+
+def eager_reference(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The checkpoint's sampling generator, eager, float32 on the CPU."""
+    import torch
+
+    from .checkpoint import generator_from, load
+
+    g = generator_from(load(path))
+
+    def run(z: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return g(torch.from_numpy(z)).numpy()
+
+    return run
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    off = to_pixels(got) != to_pixels(want)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "pixels_off": float(off.mean())}
+
+
+def parity_check(backend, req: Request) -> dict[str, Any]:
+    """Compare the backend with eager PyTorch on a spread of this run's indices; VerificationError beyond atol."""
+    if backend.name == "torch":
+        return {"status": "not-applicable", "reason": "the torch backend is the eager reference itself"}
+    if not req.parity:
+        return {"status": "skipped", "reason": "--no-parity"}
+    ref, note = find_reference(backend.metadata, backend.path, req.reference)
+    if ref is None:
+        raise UsageError(f"no parity reference: {note}; pass --reference CHECKPOINT, or --no-parity to "
+                         f"generate without the check")
+    idx = parity_indices(req)
+    z = noise(req.seed, idx, backend.latent_shape)
+    figures = compare(backend(z), eager_reference(ref)(z))
+    atol = req.atol if req.atol is not None else _default_atol(backend.metadata)
+    result = {"status": "passed", "reference": str(ref), "note": note, "samples": len(idx), "atol": atol, **figures}
+    if figures["max_abs_diff"] > atol:
+        raise VerificationError(f"parity failed against {ref}: max abs diff {figures['max_abs_diff']:.3g} > atol "
+                                f"{atol:.3g}, mean {figures['mean_abs_diff']:.3g}, {figures['pixels_off']:.2%} "
+                                f"of uint8 pixels differ ({len(idx)} samples); nothing written")
+    return result
+
+
+def _default_atol(meta: dict[str, Any]) -> float:
+    from .exporters.validate import TOLERANCE
+
+    return TOLERANCE.get(meta.get("dtype", "fp32"), TOLERANCE["fp32"])
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+
+def infer_batches(backend, seed: int, todo: list[int], batch_size: int) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(indices, uint8 pixels) per batch; the next batch's noise is drawn in a thread while this one runs."""
+    batches = [todo[lo:lo + batch_size] for lo in range(0, len(todo), batch_size)]
+    if not batches:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="gantk-noise") as pool:
+        future = pool.submit(noise, seed, batches[0], backend.latent_shape)
+        for b, idx in enumerate(batches):
+            z = future.result()
+            if b + 1 < len(batches):
+                future = pool.submit(noise, seed, batches[b + 1], backend.latent_shape)
+            yield idx, to_pixels(backend(z))
+
+
+def _write_chunk(out: Path, indices: list[int], px: np.ndarray) -> list[tuple[int, str, str, bool]]:
+    """Encode and write PNGs; a file already holding exactly these bytes is left untouched."""
+    done = []
+    for i, p in zip(indices, px):
+        data = encode_png(p)
+        path = out / file_name(i)
+        wrote = not (path.is_file() and path.read_bytes() == data)
+        if wrote:
+            _write_atomic(path, data)
+        done.append((i, path.name, hashlib.sha256(data).hexdigest(), wrote))
+    return done
+
+
+def write_pngs(backend, req: Request, folder: Folder, todo: list[int], progress: Progress) -> dict[str, int]:
+    """Inference in this thread, encoding and writing in `req.writers` threads; the manifest kept current."""
+    stats = {"written": 0, "unchanged": 0}
+    pending: collections.deque = collections.deque()
+
+    def settle(block: bool) -> None:
+        while pending and (block or pending[0].done() or len(pending) > 4 * req.writers):
+            done = pending.popleft().result()
+            for i, name, sha, wrote in done:
+                folder.files[i] = {"file": name, "sha256": sha}
+                stats["written" if wrote else "unchanged"] += 1
+            progress({"event": "written", "n": len(done)})
+
+    with ThreadPoolExecutor(req.writers, thread_name_prefix="gantk-png") as pool:
+        try:
+            for idx, px in infer_batches(backend, req.seed, todo, req.batch_size):
+                for lo in range(0, len(idx), CHUNK):
+                    pending.append(pool.submit(_write_chunk, folder.path, idx[lo:lo + CHUNK], px[lo:lo + CHUNK]))
+                settle(False)
+                folder.flush(force=False)
+            settle(True)
+        finally:
+            _settle_after_failure(pending, folder, pool)
+    return stats
+
+
+def _settle_after_failure(pending: collections.deque, folder: Folder, pool: ThreadPoolExecutor) -> None:
+    """Interrupted: record what the writers finished, so the manifest never lags far behind the disk."""
+    if not pending:
+        return
+    pool.shutdown(wait=True, cancel_futures=True)
+    for fut in pending:
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            for i, name, sha, _ in fut.result():
+                folder.files[i] = {"file": name, "sha256": sha}
+    folder.flush()
+
+
+def write_npy(backend, req: Request, folder: Folder, progress: Progress) -> dict[str, Any]:
+    """One uint8 (N, 32, 32) array for this run's indices; rewritten only when its bytes would differ."""
+    idx = list(req.indices())
+    name = f"images-{idx[0]:0{NAME_WIDTH}d}-{req.stop:0{NAME_WIDTH}d}"
+    name += f"-shard{req.shard[0]}of{req.shard[1]}.npy" if req.shard[1] > 1 else ".npy"
+    path, entry = folder.path / name, folder.arrays.get(name)
+    if entry and _sha256_file(path) == entry["sha256"]:
+        return {"written": 0, "unchanged": len(idx), "file": name}
+    arr = np.empty((len(idx), 32, 32), np.uint8)
+    pos = 0
+    for batch, px in infer_batches(backend, req.seed, idx, req.batch_size):
+        arr[pos:pos + len(batch)] = px
+        pos += len(batch)
+        progress({"event": "written", "n": len(batch)})
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    data = buf.getvalue()
+    wrote = not (path.is_file() and path.read_bytes() == data)
+    if wrote:
+        _write_atomic(path, data)
+    folder.arrays[name] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "first": idx[0],
+                           "stop": req.stop, "step": req.shard[1], "count": len(idx)}
+    return {"written": len(idx) if wrote else 0, "unchanged": 0 if wrote else len(idx), "file": name}
+
+
+def write_grid(req: Request, folder: Folder, *, array: str | None = None) -> str:
+    """A contact sheet of the first images of this run's range (from the files on disk)."""
+    from PIL import Image
+
+    idx = list(req.indices())[:GRID_MAX]
+    if array is not None:
+        tiles = np.load(folder.path / array)[:len(idx)]
+    else:
+        tiles = np.stack([np.asarray(Image.open(folder.path / file_name(i))) for i in idx])
+    rows = -(-len(tiles) // GRID_COLS)
+    sheet = np.zeros((rows * 34 + 2, min(len(tiles), GRID_COLS) * 34 + 2), np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, GRID_COLS)
+        sheet[2 + r * 34:2 + r * 34 + 32, 2 + c * 34:2 + c * 34 + 32] = t
+    data, path = encode_png(sheet), folder.path / GRID
+    if not (path.is_file() and path.read_bytes() == data):
+        _write_atomic(path, data)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provider: str = "auto",
+             threads: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Validate, open the backend, check parity, then write what is missing; returns the summary."""
+    from .backends import open_backend
+    from .checkpoint import sha256
+
+    progress = progress or (lambda ev: None)
+    check_request(req)
+    out = Path(req.out)
+    check_out(out)
+    be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=threads)
+    identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
+                "latent_shape": list(be.latent_shape)}
+    folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
+    todo, kept = plan_pngs(folder, req.indices()) if req.fmt == "png" and out.is_dir() else (list(req.indices()), 0)
+    parity = parity_check(be, req)
+    return _write(be, req, folder, replaced, todo, kept, parity, progress)
+
+
+def _write(be, req, folder, replaced, todo, kept, parity, progress) -> dict[str, Any]:
+    out = folder.path
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_temps(out)
+    removed = _drop_replaced(out, replaced)
+    changed = folder.flush()  # claim the folder before the first image
+    progress({"event": "start", "total": len(req.indices()), "done": kept})
+    t0 = time.perf_counter()
+    if req.fmt == "png":
+        stats = write_pngs(be, req, folder, todo, progress) if todo else {"written": 0, "unchanged": 0}
+    else:
+        stats = write_npy(be, req, folder, progress)
+    seconds = time.perf_counter() - t0
+    changed = folder.flush() or changed or stats["written"] > 0 or removed > 0
+    progress({"event": "end"})
+    generated = len(todo) if req.fmt == "png" else (0 if stats["unchanged"] else stats["written"])
+    summary = _summary(be, req, folder, parity, stats, kept, generated, seconds, removed)
+    if req.grid:
+        summary["grid"] = write_grid(req, folder, array=stats.get("file"))
+    write = changed or not (out / SUMMARY).is_file()
+    if write:
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
+    return {**summary, "summary_written": write}
+
+
+def _summary(be, req, folder, parity, stats, kept, generated, seconds, removed) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "out": str(req.out), "model": str(be.path), "model_sha256": folder.identity["model_sha256"], "backend": be.name,
+        "provider": be.provider, "settings": be.settings, "seed": req.seed, "start": req.start,
+        "count": req.count, "shard": f"{req.shard[0]}/{req.shard[1]}", "images": len(req.indices()),
+        "format": req.fmt, "batch_size": req.batch_size, "writers": req.writers,
+        "generated": generated, "written": stats["written"], "unchanged": stats["unchanged"] + kept,
+        "removed_other_identity": removed, "seconds": round(seconds, 3),
+        "images_per_s": round(generated / seconds, 1) if generated and seconds > 0 else None,
+        "parity": parity, "warnings": be.warnings, "versions": {"gantk": __version__, **_versions()},
+    }
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+
+    out = {"numpy": np.__version__, "pillow": PIL.__version__}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
