@@ -1,0 +1,355 @@
+"""gantk generate: determinism across batch sizes, splits and shards; resume after a kill; idempotence;
+damaged files; parity failure; bad input. One tiny seed run, exported once, for the whole module."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gantk.cli import cli
+from gantk.generate import Request, noise, parity_indices, to_pixels
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """A 2-step seed run on synthetic digits, exported to ONNX and TorchScript by gantk's exporters."""
+    from gantk.config import TrainConfig
+    from gantk.exporters import EXPORTERS
+    from gantk.train import train
+
+    runs = tmp_path_factory.mktemp("genruns")
+    run = Path(train(TrainConfig(data="synthetic", data_count=64, max_steps=2, epochs=1), runs_dir=runs)["run_dir"])
+    ckpt = run / "checkpoints" / "last.pt"
+    EXPORTERS["onnx"](ckpt, run / "export" / "generator.onnx")
+    EXPORTERS["torchscript"](ckpt, run / "export" / "generator.pt")
+    return {"runs": runs, "run": run, "ckpt": ckpt, "onnx": run / "export" / "generator.onnx",
+            "pt": run / "export" / "generator.pt"}
+
+
+def gen(model: Path, out: Path, *args: str, code: int = 0):
+    r = CliRunner().invoke(cli, ["generate", "--model", str(model), "--out", str(out), "-q", *args])
+    assert r.exit_code == code, (r.exit_code, r.output, r.stderr if hasattr(r, "stderr") else "")
+    return r
+
+
+def pngs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png")) if p.name != "grid.png"}
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+# ------------------------------------------------------------------------------------------ determinism
+
+
+def test_noise_depends_only_on_seed_and_index():
+    a = noise(3, range(10), (1, 6, 6))
+    assert np.array_equal(noise(3, [7], (1, 6, 6))[0], a[7])
+    assert not np.array_equal(noise(4, [7], (1, 6, 6))[0], a[7])
+    assert a.dtype == np.float32 and abs(float(a.std()) - 1) < 0.3
+
+
+def test_pixels_round_half_range():
+    x = np.array([-1.0, 1.0, 0.0, -2.0], np.float32).reshape(1, 1, 1, 4)
+    assert to_pixels(x).tolist() == [[[0, 255, 128, 0]]]
+
+
+def test_batch_size_independence(exported, tmp_path):
+    gen(exported["onnx"], tmp_path / "b1", "--count", "40", "--batch-size", "1")
+    gen(exported["onnx"], tmp_path / "b256", "--count", "40", "--batch-size", "256")
+    gen(exported["onnx"], tmp_path / "b7", "--count", "40", "--batch-size", "7")
+    a = pngs(tmp_path / "b1")
+    assert len(a) == 40 and a == pngs(tmp_path / "b256") == pngs(tmp_path / "b7")
+    assert len(set(a.values())) > 1  # not one image repeated: the test could fail
+    assert (tmp_path / "b1" / "manifest.json").read_bytes() == (tmp_path / "b256" / "manifest.json").read_bytes()
+
+
+def test_split_range_and_shards_equal_one_run(exported, tmp_path):
+    gen(exported["onnx"], tmp_path / "one", "--count", "30", "--start", "5")
+    gen(exported["onnx"], tmp_path / "split", "--count", "12", "--start", "5")
+    gen(exported["onnx"], tmp_path / "split", "--count", "18", "--start", "17")
+    for k in range(3):
+        gen(exported["onnx"], tmp_path / "shards", "--count", "30", "--start", "5", "--shard", f"{k}/3")
+    gen(exported["onnx"], tmp_path / "shard1", "--count", "30", "--start", "5", "--shard", "1/3")
+    one = pngs(tmp_path / "one")
+    assert sorted(one) == [f"{i:06d}.png" for i in range(5, 35)]
+    assert pngs(tmp_path / "split") == one == pngs(tmp_path / "shards")
+    assert pngs(tmp_path / "shard1") == {n: b for n, b in one.items() if int(n[:6]) % 3 == 1}
+    manifest = (tmp_path / "one" / "manifest.json").read_bytes()
+    assert (tmp_path / "split" / "manifest.json").read_bytes() == manifest
+    assert (tmp_path / "shards" / "manifest.json").read_bytes() == manifest
+
+
+def test_torch_backends_batch_independent_and_close_to_onnx(exported, tmp_path):
+    gen(exported["ckpt"], tmp_path / "t1", "--backend", "torch", "--count", "20", "--batch-size", "1")
+    gen(exported["ckpt"], tmp_path / "t9", "--backend", "torch", "--count", "20", "--batch-size", "9")
+    gen(exported["pt"], tmp_path / "ts", "--backend", "torchscript", "--count", "20")
+    gen(exported["onnx"], tmp_path / "ox", "--count", "20")
+    assert pngs(tmp_path / "t1") == pngs(tmp_path / "t9")
+    read = lambda d: np.load(_npy(exported, d, tmp_path))  # noqa: E731
+    eager, onnx = read("torch"), read("onnxruntime")
+    assert (eager != onnx).mean() < 1e-3
+    summary = json.loads((tmp_path / "t1" / "summary.json").read_text())
+    assert summary["parity"]["status"] == "not-applicable"
+    assert json.loads((tmp_path / "ts" / "summary.json").read_text())["parity"]["status"] == "passed"
+
+
+def _npy(exported, backend: str, tmp_path: Path) -> Path:
+    model = exported["ckpt"] if backend == "torch" else exported["onnx"]
+    out = tmp_path / f"npy-{backend}"
+    gen(model, out, "--backend", backend, "--count", "20", "--format", "npy")
+    return next(out.glob("images-*.npy"))
+
+
+def test_npy_matches_pngs_and_grid(exported, tmp_path):
+    from PIL import Image
+
+    gen(exported["onnx"], tmp_path / "p", "--count", "12", "--grid")
+    gen(exported["onnx"], tmp_path / "n", "--count", "12", "--format", "npy", "--grid")
+    arr = np.load(tmp_path / "n" / "images-000000-000012.npy")
+    assert arr.shape == (12, 32, 32) and arr.dtype == np.uint8
+    for i in range(12):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "p" / f"{i:06d}.png")), arr[i])
+    assert (tmp_path / "p" / "grid.png").read_bytes() == (tmp_path / "n" / "grid.png").read_bytes()
+    with Image.open(tmp_path / "p" / "000003.png") as im:
+        assert im.mode == "L" and im.size == (32, 32)
+
+
+# ------------------------------------------------------------------------------------------ re-runs
+
+
+def test_rerun_is_a_noop(exported, tmp_path):
+    out = tmp_path / "d"
+    gen(exported["onnx"], out, "--count", "25", "--grid")
+    before = mtimes(out)
+    time.sleep(0.01)
+    r = gen(exported["onnx"], out, "--count", "25", "--grid", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["written"] == 0 and doc["unchanged"] == 25 and doc["summary_written"] is False
+    assert mtimes(out) == before
+
+
+def test_damaged_and_missing_files_are_rewritten(exported, tmp_path):
+    out = tmp_path / "d"
+    gen(exported["onnx"], out, "--count", "20")
+    good = pngs(out)
+    (out / "000004.png").write_bytes(b"garbage")
+    (out / "000011.png").unlink()
+    untouched = (out / "000012.png").stat().st_mtime_ns
+    doc = json.loads(gen(exported["onnx"], out, "--count", "20", "--json").stdout)
+    assert doc["written"] == 2 and pngs(out) == good
+    assert (out / "000012.png").stat().st_mtime_ns == untouched
+
+
+def test_killed_run_resumes_byte_identical(exported, tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    args = ["--count", "3000", "--batch-size", "16", "--writers", "1"]
+    gen(exported["onnx"], ref, *args)
+    cmd = [sys.executable, "-m", "gantk", "generate", "--model", str(exported["onnx"]), "--out", str(out), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*.png"))) < 300 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(list(out.glob("*.png")))
+    assert 0 < written < 3000, "the kill has to land mid-run"
+    doc = json.loads(gen(exported["onnx"], out, *args, "--json").stdout)
+    assert (doc["unchanged"], doc["written"]) == (written, 3000 - written)  # every file on disk was whole
+    assert pngs(out) == pngs(ref)
+    assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no temp files left
+
+
+def test_other_model_or_seed_needs_overwrite_and_foreign_files_survive(exported, tmp_path):
+    out = tmp_path / "d"
+    gen(exported["onnx"], out, "--count", "10")
+    (out / "notes.txt").write_text("mine")
+    r = gen(exported["onnx"], out, "--count", "10", "--seed", "1", code=2)
+    assert "seed" in r.stderr and "--overwrite" in r.stderr
+    gen(exported["onnx"], out, "--count", "4", "--seed", "1", "--overwrite")
+    assert sorted(pngs(out)) == [f"{i:06d}.png" for i in range(4)]
+    assert (out / "notes.txt").read_text() == "mine"
+    fresh = tmp_path / "fresh"
+    gen(exported["onnx"], fresh, "--count", "4", "--seed", "1")
+    assert pngs(out) == pngs(fresh)
+
+
+def test_file_gantk_did_not_write_is_never_overwritten(exported, tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "000003.png").write_bytes(b"a user's picture")
+    r = gen(exported["onnx"], out, "--count", "10", code=2)
+    assert "000003.png" in r.stderr and "not written by gantk" in r.stderr
+    assert (out / "000003.png").read_bytes() == b"a user's picture"
+    assert sorted(p.name for p in out.iterdir()) == ["000003.png"]
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+def test_perturbed_model_fails_parity_before_writing(exported, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(exported["onnx"]))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    r = gen(bad, tmp_path / "out", "--count", "50", code=4)
+    assert "parity failed" in r.stderr and "max abs diff" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_reference_requires_no_parity(exported, tmp_path):
+    import shutil
+
+    import onnx
+
+    model = onnx.load(str(exported["onnx"]))
+    for p in model.metadata_props:
+        if p.key == "source_checkpoint":
+            p.value = str(tmp_path / "gone.pt")
+    lost = tmp_path / "lost.onnx"
+    onnx.save(model, str(lost))
+    r = gen(lost, tmp_path / "a", "--count", "5", code=2)
+    assert "no parity reference" in r.stderr and "--no-parity" in r.stderr and not (tmp_path / "a").exists()
+    doc = json.loads(gen(lost, tmp_path / "a", "--count", "5", "--no-parity", "--json").stdout)
+    assert doc["parity"]["status"] == "skipped"
+    doc = json.loads(gen(lost, tmp_path / "b", "--count", "5", "--reference", str(exported["ckpt"]), "--json").stdout)
+    assert doc["parity"]["status"] == "passed" and doc["parity"]["max_abs_diff"] < 1e-4
+    other = tmp_path / "other.pt"
+    shutil.copy(exported["ckpt"], other)
+    with open(other, "ab") as f:
+        f.write(b"\0")
+    r = gen(lost, tmp_path / "c", "--count", "5", "--reference", str(other), code=2)
+    assert "sha256" in r.stderr
+
+
+def test_parity_indices_spread_over_the_range():
+    idx = parity_indices(Request(out=Path("x"), start=100, count=1000, parity_samples=5))
+    assert idx[0] == 100 and idx[-1] == 1099 and len(idx) == 5
+    assert all(i % 4 == 1 for i in parity_indices(Request(out=Path("x"), count=50, shard=(1, 4))))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--count", "0"], "--count"), (["--count", "-3"], "--count"), (["--count", "many"], "many"),
+    (["--batch-size", "0"], "--batch-size"), (["--start", "-1"], "--start"), (["--shard", "3/3"], "shard"),
+    (["--shard", "x"], "shard"), (["--seed", "-1"], "--seed"),
+])
+def test_bad_numbers_exit_2_and_write_nothing(exported, tmp_path, args, needle):
+    r = gen(exported["onnx"], tmp_path / "out", *args, code=2)
+    assert needle in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_gantk_models_exit_2(exported, tmp_path):
+    import onnx
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(os.urandom(300))
+    assert "not a loadable ONNX model" in gen(junk, tmp_path / "o", "--count", "3", code=2).stderr
+    model = onnx.load(str(exported["onnx"]))
+    del model.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    assert "not a gantk generator export" in gen(bare, tmp_path / "o", "--count", "3", code=2).stderr
+    assert "not a loadable TorchScript" in gen(junk, tmp_path / "o", "--backend", "torchscript", code=2).stderr
+    assert "model not found" in gen(tmp_path / "nope.onnx", tmp_path / "o", code=2).stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_unavailable_provider_exit_2(exported, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    for p in ("cuda", "tensorrt"):
+        r = gen(exported["onnx"], tmp_path / "o", "--provider", p, "--count", "3", code=2)
+        assert f"provider {p} requested" in r.stderr and "CUDA" in r.stderr
+    r = gen(exported["onnx"], tmp_path / "o", "--provider", "auto", "--count", "3", "--json")
+    assert json.loads(r.stdout)["provider"] == "cpu" and "running on the CPU" in r.stderr
+
+
+def test_out_is_a_file_exit_2_and_read_only_exit_1(exported, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "existing file" in gen(exported["onnx"], f, "--count", "3", code=2).stderr
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    target = ro / "digits"
+    if os.geteuid() == 0:  # root writes through 0o555; sysfs refuses even root
+        target = Path("/sys/kernel/gantk-digits")
+        if not Path("/sys/kernel").is_dir() or os.access("/sys/kernel", os.W_OK) and _can_create("/sys/kernel"):
+            pytest.skip("no read-only folder available")
+    r = gen(exported["onnx"], target, "--count", "3", code=1)
+    assert str(target) in r.stderr and "not writable" in r.stderr
+
+
+def test_default_model_is_newest_runs_export(exported, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["generate", "--runs-dir", str(exported["runs"]), "--count", "3", "--out", "d"])
+    assert r.exit_code == 0, r.output
+    assert f"model: {exported['onnx']}" in r.stderr and "parity passed" in r.stderr
+    assert len(pngs(tmp_path / "d")) == 3
+    empty = tmp_path / "noruns"
+    r = CliRunner().invoke(cli, ["generate", "--runs-dir", str(empty), "--count", "3"])
+    assert r.exit_code == 2 and "gantk train" in r.stderr
+
+
+def _can_create(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, ".gantk-probe"), "wb"):
+            pass
+    except OSError:
+        return False
+    os.unlink(os.path.join(folder, ".gantk-probe"))
+    return True
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_gpu_provider_iobinding_parity_and_determinism(exported, tmp_path, provider):
+    import onnxruntime as ort
+
+    if provider == "tensorrt" and "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no TensorRT in this onnxruntime")
+    args = ["--provider", provider, "--count", "600", "--json"]
+    r = CliRunner().invoke(cli, ["generate", "--model", str(exported["onnx"]), "--out", str(tmp_path / "a"),
+                                 "-q", *args, "--batch-size", "256"])
+    if provider == "tensorrt" and r.exit_code == 2:
+        pytest.skip(f"TensorRT did not load: {r.stderr.strip()[-200:]}")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["provider"] == provider and doc["settings"]["fixed_batch"] == 256
+    assert doc["parity"]["status"] == "passed"
+    split = ["--provider", provider, "--batch-size", "256"]
+    gen(exported["onnx"], tmp_path / "b", *split, "--count", "250")  # other positions in the fixed batch
+    gen(exported["onnx"], tmp_path / "b", *split, "--start", "250", "--count", "350")
+    assert pngs(tmp_path / "a") == pngs(tmp_path / "b")
+    gen(exported["onnx"], tmp_path / "c", "--provider", provider, "--count", "600", "--batch-size", "64")
+    gen(exported["onnx"], tmp_path / "cpu", "--provider", "cpu", "--count", "600")
+    a = pngs(tmp_path / "a")
+    for other in ("c", "cpu"):  # another fixed shape / another device: parity-level, not guaranteed bytes
+        same = sum(a[n] == b for n, b in pngs(tmp_path / other).items())
+        print(f"{provider}: {same}/600 PNGs byte-identical to batch 256 with {other}")
+        assert same >= 570
