@@ -1,0 +1,399 @@
+"""gantk export / gantk info: both formats export, validate and reload; validation catches what it should;
+bad input gets the documented exit codes. API tests beside CLI tests (CliRunner, tmp_path)."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gantk.cli import cli
+from gantk.exporters import EXPORTERS, Source, read_metadata
+from gantk.exporters.base import META_KEYS
+from gantk.exporters.validate import BATCH_SIZES, TOLERANCE, compare, eager, fixed_noise
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """One tiny seed-arch run (2 steps on 64 synthetic digits), shared by the module."""
+    from gantk.config import TrainConfig
+    from gantk.train import train
+
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(data="synthetic", data_count=64, arch="seed", epochs=1, max_steps=2, log_every=1)
+    return Path(train(cfg, runs_dir=runs)["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def ckpt(run_dir) -> Path:
+    return run_dir / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def onnx_export(run_dir) -> tuple[Path, dict, str]:
+    """`gantk export` with no --checkpoint and no --out: the newest run's last.pt, the default path."""
+    r = CliRunner().invoke(cli, ["export", "--format", "onnx", "--runs-dir", str(run_dir.parent), "--json"])
+    assert r.exit_code == 0, r.output
+    return run_dir / "export" / "generator.onnx", json.loads(r.stdout), r.stderr
+
+
+@pytest.fixture(scope="module")
+def ts_export(ckpt, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ts") / "g.pt"
+    r = CliRunner().invoke(cli, ["export", "--format", "torchscript", "--checkpoint", str(ckpt),
+                                 "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    return out, json.loads(r.stdout)
+
+
+def _eager(ckpt: Path, z: np.ndarray) -> np.ndarray:
+    return eager(Source.from_checkpoint(ckpt).generator, z)
+
+
+def _export(args: list[str]):
+    return CliRunner().invoke(cli, ["export", *args])
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+
+
+def test_onnx_default_paths_and_report(onnx_export, ckpt):
+    path, report, stderr = onnx_export
+    assert path.is_file() and report["path"] == str(path)
+    assert str(ckpt) in stderr and "newest run" in stderr and str(path) in stderr
+    assert report["batch_sizes"] == list(BATCH_SIZES) and report["opset"] == 20
+    assert report["max_abs_diff"] <= TOLERANCE["fp32"] and report["pixels_off"] < 1e-3
+    assert report["size_bytes"] == path.stat().st_size
+    assert sorted(p.name for p in path.parent.iterdir()) == ["generator.onnx"]  # no external data, no temp left
+
+
+def test_onnx_graph_contract(onnx_export, ckpt):
+    import onnx
+
+    path, _, _ = onnx_export
+    onnx.checker.check_model(str(path), full_check=True)
+    m = onnx.load(str(path))
+    assert [i.name for i in m.graph.input] == ["z"] and [o.name for o in m.graph.output] == ["image"]
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 6, 6]
+    ops = {n.op_type for n in m.graph.node}
+    assert "BatchNormalization" not in ops and "ConvTranspose" not in ops and "Conv" in ops  # seed: all stride 1
+    assert all(not t.HasField("data_location") or t.data_location == 0 for t in m.graph.initializer)
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert set(meta) == set(META_KEYS) and all(isinstance(v, str) for v in meta.values())
+    assert meta["gantk_format"] == "1" and meta["kind"] == "gantk-generator" and meta["arch"] == "seed"
+    assert json.loads(meta["latent_shape"]) == [1, 6, 6] and meta["output_range"] == "[-1, 1]"
+    assert meta["source_checkpoint"] == str(ckpt.resolve()) and meta["step"] == "2"
+    from gantk.checkpoint import sha256
+
+    assert meta["source_sha256"] == sha256(ckpt) and "torch" in json.loads(meta["versions"])
+
+
+def test_onnx_reloads_in_onnxruntime_and_reference_evaluator(onnx_export, ckpt):
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    path, _, _ = onnx_export
+    z = fixed_noise((1, 6, 6), count=5)
+    want = _eager(ckpt, z)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["image"], {"z": z})[0], want, atol=1e-4)
+    ref = ReferenceEvaluator(str(path))
+    np.testing.assert_allclose(ref.run(None, {"z": z[:3]})[0], want[:3], atol=1e-4)
+
+
+def test_onnx_fp16_keeps_float32_edges(ckpt, tmp_path):
+    import onnx
+
+    out = tmp_path / "g16.onnx"
+    r = _export(["--checkpoint", str(ckpt), "--out", str(out), "--dtype", "fp16", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["dtype"] == "fp16" and report["atol"] == TOLERANCE["fp16"]
+    assert report["max_abs_diff"] <= TOLERANCE["fp16"]
+    m = onnx.load(str(out))
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert m.graph.node[0].op_type == "Cast" and m.graph.node[-1].op_type == "Cast"
+    assert {t.data_type for t in m.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert read_metadata(out)["dtype"] == "fp16"
+
+
+def test_onnx_example_writes_png(onnx_export, tmp_path):
+    png = tmp_path / "grid.png"
+    script = EXAMPLES / "onnx_inference.py"
+    p = subprocess.run([sys.executable, str(script), str(onnx_export[0]), "--count", "10", "--out", str(png)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    from PIL import Image
+
+    assert Image.open(png).size == (4 * 34 + 2, 3 * 34 + 2)
+
+
+# ------------------------------------------------------------------------------------------ TorchScript
+
+FRESH = """
+import json, sys, torch
+extra = {"gantk.json": ""}
+m = torch.jit.load(sys.argv[1], _extra_files=extra)
+z = torch.load(sys.argv[2])
+with torch.inference_mode():
+    torch.save(m(z), sys.argv[3])
+assert not [k for k in sys.modules if k.startswith(("gantk", "onnx"))]
+print(extra["gantk.json"].decode())
+"""
+
+
+def test_torchscript_reloads_in_fresh_torch_only_process(ts_export, ckpt, tmp_path):
+    import torch
+
+    path, report = ts_export
+    assert report["max_abs_diff"] <= TOLERANCE["fp32"] and report["opset"] is None
+    z = fixed_noise((1, 6, 6), count=9)
+    torch.save(torch.from_numpy(z), tmp_path / "z.pt")
+    p = subprocess.run([sys.executable, "-c", FRESH, str(path), str(tmp_path / "z.pt"), str(tmp_path / "y.pt")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    meta = json.loads(p.stdout)
+    assert set(meta) == set(META_KEYS) and meta["kind"] == "gantk-generator"
+    np.testing.assert_allclose(torch.load(tmp_path / "y.pt").numpy(), _eager(ckpt, z), atol=1e-4)
+
+
+def test_torchscript_is_frozen_and_example_runs(ts_export, tmp_path):
+    info = json.loads(CliRunner().invoke(cli, ["info", str(ts_export[0]), "--json"]).stdout)
+    assert info["kind"] == "torchscript" and info["frozen"] is True
+    assert info["inputs"][0]["name"] == "z" and info["inputs"][0]["shape"] == ["N", 1, 6, 6]
+    png = tmp_path / "grid.png"
+    p = subprocess.run([sys.executable, str(EXAMPLES / "torchscript_inference.py"), str(ts_export[0]),
+                        "--count", "7", "--out", str(png)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def test_perturbed_weight_fails_and_keeps_existing_out(ckpt, tmp_path, monkeypatch):
+    """One weight of the exported graph nudged by 0.01: exit 4 with the figures, the old file untouched."""
+    import onnx.numpy_helper as nh
+
+    from gantk.exporters import onnx as onnx_exporter
+
+    build = onnx_exporter._build
+
+    def perturbed(*args, **kwargs):
+        proto = build(*args, **kwargs)
+        last = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")][-1]
+        init = next(t for t in proto.graph.initializer if t.name == last.input[2])  # its bias: reaches every pixel
+        w = nh.to_array(init).copy()
+        w.flat[0] += 0.01
+        init.CopyFrom(nh.from_array(w, init.name))
+        return proto
+
+    monkeypatch.setattr(onnx_exporter, "_build", perturbed)
+    out = tmp_path / "g.onnx"
+    out.write_bytes(b"previous export")
+    r = _export(["--checkpoint", str(ckpt), "--out", str(out)])
+    assert r.exit_code == 4, r.output
+    assert "max abs diff" in r.stderr and "uint8 pixels off" in r.stderr and "left unchanged" in r.stderr
+    assert out.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
+
+
+def test_frozen_batch_axis_fails(ckpt, tmp_path, monkeypatch):
+    """An export traced with a static batch (2) cannot run at batch 1: exit 4, nothing at --out."""
+    from gantk.exporters import onnx as onnx_exporter
+
+    monkeypatch.setattr(onnx_exporter, "_dynamic_shapes", lambda: None)
+    out = tmp_path / "g.onnx"
+    r = _export(["--checkpoint", str(ckpt), "--out", str(out)])
+    assert r.exit_code == 4, r.output
+    assert "batch size 1" in r.stderr and "nothing written" in r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_batch_statistics_fail(ckpt, tmp_path, monkeypatch):
+    """Training-mode BatchNorm makes image i depend on its batch: exit 4, nothing at --out."""
+    import torch
+
+    from gantk.exporters import torchscript as ts_exporter
+
+    def batch_statistics(src):
+        g = copy.deepcopy(src.generator).train()
+        with ts_exporter._quiet_jit():
+            return torch.jit.script(g)
+
+    monkeypatch.setattr(ts_exporter, "_build", batch_statistics)
+    out = tmp_path / "g.pt"
+    r = _export(["--format", "torchscript", "--checkpoint", str(ckpt), "--out", str(out)])
+    assert r.exit_code == 4, r.output
+    assert "max abs diff" in r.stderr and not out.exists()
+
+
+def test_compare_reports_batch_dependence(ckpt):
+    g = Source.from_checkpoint(ckpt).generator
+    parity = compare(lambda z: eager(g, z) + 1e-3 * len(z) / 32, g, atol=1e-4, batch_sizes=(1, 7, 32))
+    assert not parity.ok and parity.batch_consistency > 9e-4
+    assert parity.per_batch[1]["max_abs_diff"] < parity.per_batch[32]["max_abs_diff"]
+    nan = compare(lambda z: np.full((len(z), 1, 32, 32), np.nan, np.float32), g, atol=1e-4, batch_sizes=(1, 7))
+    assert not nan.ok
+
+
+def test_dcgan_exports_from_a_generator(tmp_path):
+    """The strided dcgan keeps ConvTranspose (the 1x1 -> 4x4 stride-1 layer becomes Conv); both formats pass."""
+    import onnx
+    import torch
+
+    from gantk.models import build
+
+    torch.manual_seed(0)
+    g, _ = build("dcgan")
+    for m in g.modules():  # non-trivial BatchNorm statistics, so folding has something to get wrong
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    src = Source.from_generator(g, arch="dcgan")
+    for fmt, name in (("onnx", "g.onnx"), ("torchscript", "g.pt")):
+        report = EXPORTERS[fmt](src, tmp_path / name)
+        assert report.max_abs_diff <= 1e-4, report
+        assert read_metadata(tmp_path / name)["latent_shape"] == "[100, 1, 1]"
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "g.onnx")).graph.node]
+    assert ops.count("ConvTranspose") == 3 and ops.count("Conv") == 1 and "BatchNormalization" not in ops
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _bad_checkpoints(tmp_path: Path, ckpt: Path) -> dict[str, Path]:
+    import torch
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    return {"missing": tmp_path / "nope.pt", "truncated": truncated, "foreign": foreign, "text": text}
+
+
+def test_bad_checkpoints_exit_2(ckpt, tmp_path):
+    for name, path in _bad_checkpoints(tmp_path, ckpt).items():
+        out = tmp_path / f"{name}.onnx"
+        r = _export(["--checkpoint", str(path), "--out", str(out)])
+        assert r.exit_code == 2, (name, r.output)
+        assert str(path) in r.stderr and r.stderr.count("\n") == 1, (name, r.stderr)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["--opset", "15"], 2, "opset 15 out of range"),
+    (["--opset", "27"], 2, "opset 27 out of range"),
+    (["--format", "tflite"], 2, "tflite"),
+    (["--format", "torchscript", "--dtype", "fp16"], 2, "fp32 only"),
+    (["--format", "torchscript", "--opset", "18"], 2, "ONNX only"),
+])
+def test_bad_options_exit_2(ckpt, tmp_path, args, code, needle):
+    out = tmp_path / "g.onnx"
+    r = _export(["--checkpoint", str(ckpt), "--out", str(out), *args])
+    assert r.exit_code == code and needle in r.stderr, r.output
+    assert not out.exists()
+
+
+def test_out_is_a_directory_exit_2(ckpt, tmp_path):
+    r = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "directory" in r.stderr and str(tmp_path) in r.stderr
+
+
+def test_unwritable_folder_exit_1(ckpt, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    r = _export(["--checkpoint", str(ckpt), "--out", str(blocker / "sub" / "g.onnx")])
+    assert r.exit_code == 1 and str(blocker) in r.stderr, r.output
+
+
+@pytest.mark.skipif(sys.platform == "win32" or __import__("os").geteuid() == 0, reason="root writes anywhere")
+def test_read_only_folder_exit_1(ckpt, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    r = _export(["--checkpoint", str(ckpt), "--out", str(folder / "g.onnx")])
+    assert r.exit_code == 1 and "not writable" in r.stderr and str(folder) in r.stderr
+
+
+def test_no_runs_exit_2(tmp_path):
+    r = _export(["--runs-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "gantk train" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ info
+
+
+def test_info_checkpoint(ckpt):
+    r = CliRunner().invoke(cli, ["info", str(ckpt), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["kind"] == "checkpoint" and d["step"] == 2 and d["images_seen"] == 64
+    assert d["config"]["arch"] == "seed" and len(d["sha256"]) == 64 and d["size_bytes"] == ckpt.stat().st_size
+    assert d["inputs"] == [{"name": "z", "shape": ["N", 1, 6, 6], "dtype": "float32"}]
+
+
+def test_info_onnx_human_and_json(onnx_export):
+    path = onnx_export[0]
+    d = json.loads(CliRunner().invoke(cli, ["info", str(path), "--json"]).stdout)
+    assert d["kind"] == "onnx" and d["opset"] == 20 and d["metadata"]["latent_shape"] == [1, 6, 6]
+    assert d["outputs"][0]["name"] == "image" and d["outputs"][0]["shape"][1:] == [1, 32, 32]
+    r = CliRunner().invoke(cli, ["info", str(path)])
+    assert r.exit_code == 0 and "kind: onnx" in r.stderr and "gantk-generator" in r.stderr
+
+
+def test_info_and_read_metadata_reject_non_gantk_files(ckpt, tmp_path):
+    import onnx
+    from onnx import helper
+
+    from gantk.errors import CheckpointError
+
+    plain = tmp_path / "plain.onnx"
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
+                                                  [helper.make_tensor_value_info("y", 1, [1])])), str(plain))
+    bad = {**_bad_checkpoints(tmp_path, ckpt), "plain_onnx": plain}
+    for name, path in bad.items():
+        r = CliRunner().invoke(cli, ["info", str(path)])
+        assert r.exit_code == 2 and str(path) in r.stderr and r.stderr.count("\n") == 1, (name, r.output)
+    for path in (plain, bad["text"], ckpt):
+        with pytest.raises(CheckpointError):
+            read_metadata(path)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+def test_cuda_checkpoint_exports_and_runs_on_cuda(tmp_path):
+    """A checkpoint trained on CUDA exports in both formats; the ONNX file also matches on the CUDA provider."""
+    import onnxruntime as ort
+    import torch
+
+    from gantk.config import TrainConfig
+    from gantk.train import train
+
+    cfg = TrainConfig(data="synthetic", data_count=64, arch="dcgan", epochs=1, max_steps=2, device="cuda")
+    ckpt = Path(train(cfg, runs_dir=tmp_path / "runs")["run_dir"]) / "checkpoints" / "last.pt"
+    for fmt in EXPORTERS:
+        report = EXPORTERS[fmt](ckpt, tmp_path / f"g.{fmt}")
+        assert report.max_abs_diff <= 1e-4, report
+    assert "CUDAExecutionProvider" in ort.get_available_providers()
+    z = fixed_noise((100, 1, 1), count=64)
+    s = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CUDAExecutionProvider"])
+    assert s.get_providers()[0] == "CUDAExecutionProvider"
+    np.testing.assert_allclose(s.run(None, {"z": z})[0], _eager(ckpt, z), atol=1e-3)  # TF32/cuDNN rounding
+    m = torch.jit.load(str(tmp_path / "g.torchscript"), map_location="cuda")
+    with torch.inference_mode():
+        got = m(torch.from_numpy(z).cuda()).cpu().numpy()
+    np.testing.assert_allclose(got, _eager(ckpt, z), atol=1e-3)
