@@ -34,13 +34,13 @@ EXAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1, so the example batc
 def export(source: Source | str | Path, out: str | Path, *, opset: int | None = None, dtype: str = "fp32",
            atol: float | None = None) -> ExportReport:
     """Export `source` (a checkpoint path or a Source) to `out`; VerificationError if it does not match."""
-    opset = DEFAULT_OPSET if opset is None else opset
-    check_options(opset=opset, dtype=dtype)
-    src = as_source(source)
-    out = destination(out)
     from . import validate
 
-    atol = validate.TOLERANCE[dtype] if atol is None else atol
+    opset = DEFAULT_OPSET if opset is None else opset
+    check_options(opset=opset, dtype=dtype)
+    atol = validate.tolerance(dtype, atol)
+    src = as_source(source)
+    out = destination(out)
     t0 = time.perf_counter()
     with staged(out) as tmp:
         _save(_build(src, opset=opset, dtype=dtype), tmp)
@@ -61,7 +61,7 @@ def _build(src: Source, *, opset: int, dtype: str):
     """The ModelProto: exported, checked for gantk's contract, metadata attached."""
     proto = _trace(_module(src.generator, dtype), src.latent_shape, opset)
     _check_contract(proto, opset)
-    meta = metadata(src, dtype=dtype, versions=versions("torch", "onnx", "onnxscript"))
+    meta = metadata(src, dtype=dtype, versions=versions("torch", "onnx", "onnxscript", "onnxruntime"))
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)

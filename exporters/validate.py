@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from gantk.errors import VerificationError
+from gantk.errors import UsageError, VerificationError
 
 BATCH_SIZES = (1, 7, 256)
 NOISE_SEED = 12345
@@ -48,6 +48,15 @@ class Parity:
         return (f"max abs diff {self.max_abs_diff:.3g} (atol {self.atol:.3g}, worst at batch {worst}), "
                 f"mean {self.mean_abs_diff:.3g}, {100 * self.pixels_off:.4g}% uint8 pixels off, "
                 f"batch consistency {self.batch_consistency:.3g}")
+
+
+def tolerance(dtype: str, atol: float | None) -> float:
+    """`atol` when given (it must be positive and finite), else the dtype's documented default."""
+    if atol is None:
+        return TOLERANCE[dtype]
+    if not 0 < atol < float("inf"):
+        raise UsageError(f"--atol must be a positive number, got {atol}")
+    return float(atol)
 
 
 def fixed_noise(latent_shape: tuple[int, ...], *, count: int = max(BATCH_SIZES)) -> np.ndarray:

@@ -298,6 +298,7 @@ def test_bad_checkpoints_exit_2(ckpt, tmp_path):
     (["--format", "tflite"], 2, "tflite"),
     (["--format", "torchscript", "--dtype", "fp16"], 2, "fp32 only"),
     (["--format", "torchscript", "--opset", "18"], 2, "ONNX only"),
+    (["--atol", "-1"], 2, "--atol must be a positive number"),
 ])
 def test_bad_options_exit_2(ckpt, tmp_path, args, code, needle):
     out = tmp_path / "g.onnx"
