@@ -354,6 +354,105 @@ def _echo_tree(d: dict[str, Any], indent: int = 0) -> None:
             _echo(f"{' ' * indent}{k}: {v}")
 
 
+# ------------------------------------------------------------------------------------------ classifier, eval
+
+DEFAULT_CLASSIFIER = Path("runs") / "classifier.pt"
+
+
+@cli.group("classifier")
+def classifier_group() -> None:
+    """The digit classifier in whose feature space `gantk eval` measures."""
+
+
+@classifier_group.command("train")
+@click.option("--data", default="mnist", show_default=True,
+              help="Labelled digits: mnist, synthetic, an IDX file with its labels beside it, digit-named folders, .npz.")
+@click.option("--count", type=int, default=None, help="Use at most this many images (synthetic: render this many).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CLASSIFIER, show_default=True)
+@click.option("--epochs", type=int, default=6, show_default=True)
+@click.option("--heldout", type=float, default=0.1, show_default=True, help="Share held out to measure accuracy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@handle_errors
+def classifier_train(**o: Any) -> None:
+    """Train the digit classifier; report and store its held-out accuracy."""
+    from .classifier import fit
+
+    if not 0 < o["heldout"] < 1 or o["epochs"] < 1:
+        raise click.UsageError("--heldout must be between 0 and 1 and --epochs at least 1")
+    _echo(f"classifier: training on {o['data']} for {o['epochs']} epochs -> {o['out']}")
+
+    def progress(ev: dict[str, Any]) -> None:
+        _echo(f"  epoch {ev['epoch']}/{ev['epochs']}: loss {ev['loss']:.4f}, held-out accuracy {ev['heldout_accuracy']:.4f}")
+
+    s = fit(o["data"], out=o["out"], count=o["count"], epochs=o["epochs"], heldout=o["heldout"], seed=o["seed"],
+            progress=progress)
+    if o["as_json"]:
+        _emit_json(s)
+    else:
+        _echo(f"done: held-out accuracy {s['heldout_accuracy']:.4f} on {s['heldout']} of {s['images']} images "
+              f"({s['data']}) in {s['seconds']}s; saved {s['out']}")
+
+
+@cli.command("eval")
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--count", type=int, default=None,
+              help="Samples to draw from a model [default: 10000]; at most this many from a folder or .npy.")
+@click.option("--classifier", "classifier_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_CLASSIFIER, show_default=True, help="From `gantk classifier train`.")
+@click.option("--reference", default="mnist", show_default=True, help="Real digits: mnist, synthetic or a path.")
+@click.option("--heldout", type=int, default=None,
+              help="Real digits held out of --reference (its last ones) for the reference row [default: min(2000, N/5)].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed for a model; subsets of KID.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="cpu", show_default=True,
+              help="Where a model runs.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Reference statistics cache [default: $GANTK_CACHE/eval].")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a one-page PNG report.")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@handle_errors
+def eval_cmd(**o: Any) -> None:
+    """Score digits (a PNG folder, .npy/.npz, or a model) against real ones, beside held-out real digits."""
+    from .checkpoint import newest_checkpoint
+    from .evaluate import evaluate
+
+    source = o["source"]
+    if source is None:
+        source = newest_checkpoint(o["runs_dir"])
+        _echo(f"source: {source} (newest run)")
+    if o["count"] is not None and o["count"] < 1:
+        raise click.UsageError("--count must be at least 1")
+    _echo(f"classifier: {o['classifier_path']}; reference: {o['reference']}")
+    doc = evaluate(source, classifier=o["classifier_path"], reference=o["reference"], count=o["count"],
+                   seed=o["seed"], heldout=o["heldout"], cache_dir=o["cache_dir"], report=o["report"],
+                   provider=o["provider"])
+    if o["as_json"]:
+        _emit_json(doc)
+    else:
+        _echo_eval(doc)
+
+
+def _echo_eval(doc: dict[str, Any]) -> None:
+    s, r = doc["samples"], doc["real_heldout"]
+    _echo(f"{'':<22}{'samples':>18}{'real held-out':>18}")
+    for key, label in [("count", "N"), ("fid", "FID"), ("kid", "KID x1000"), ("confidence", "confidence"),
+                       ("class_entropy", "class entropy"), ("precision", "precision"), ("recall", "recall"),
+                       ("memorised", "memorised share")]:
+        _echo(f"{label:<22}{_metric(s, key):>18}{_metric(r, key):>18}")
+    _echo(f"{'class histogram':<22}{' '.join(str(c) for c in s['class_hist'])}")
+    for w in s["warnings"]:
+        _echo(f"note: {w}")
+    if "report" in doc:
+        _echo(f"report: {doc['report']}")
+
+
+def _metric(m: dict[str, Any], key: str) -> str:
+    if key == "kid":
+        return f"{m['kid'] * 1000:.2f} ± {m['kid_se'] * 1000:.2f}"
+    return str(m[key]) if key == "count" else f"{m[key]:.3f}"
+
+
 def main() -> None:
     cli(prog_name="gantk")
 

@@ -14,8 +14,8 @@ TUTORIAL = dict(arch="seed", loss="bce", spectral_norm=False, ema_decay=0.0, lab
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "mnist"
-    arch: str = "seed"
-    epochs: int = 60
+    arch: str = "dcgan"
+    epochs: int = 30
     max_steps: int | None = None
     batch_size: int = 32
     lr_g: float = 2e-4
@@ -23,7 +23,7 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     loss: str = "logits"            # "logits": BCEWithLogitsLoss; "bce": Sigmoid + BCELoss (tutorial)
-    spectral_norm: bool = True      # spectral norm in D instead of BatchNorm
+    spectral_norm: bool = False     # spectral norm in D instead of BatchNorm
     label_smoothing: float = 0.9    # target for real images (1.0: none)
     ema_decay: float = 0.999        # EMA generator used for samples and export (0: none)
     seed: int = 0

@@ -1,0 +1,333 @@
+"""Training: models, data sources, the run folder, exact resume, signals, divergence, bad input."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gantk import checkpoint as ckpt
+from gantk import data, models
+from gantk.cli import cli
+from gantk.config import TrainConfig
+from gantk.errors import DataError, DivergedError
+from gantk.train import Trainer, train
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def tiny(**kw) -> TrainConfig:
+    base = dict(data="synthetic", data_count=96, epochs=2, arch="seed", log_every=2, checkpoint_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights_equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k][n], b[k][n]) for k in ("generator", "discriminator", "ema") for n in a[k])
+
+
+# ------------------------------------------------------------------ models
+
+
+def test_seed_generator_layer_shapes():
+    g = models.seed_generator()
+    x = torch.zeros(2, 1, 6, 6)
+    shapes = []
+    for layer in g.net:
+        x = layer(x)
+        if isinstance(layer, torch.nn.ConvTranspose2d):
+            shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(128, 10, 10), (64, 14, 14), (32, 18, 18), (16, 22, 22), (8, 26, 26), (4, 30, 30), (1, 32, 32)]
+    assert isinstance(g.net[-1], torch.nn.Tanh)
+    assert all(m.stride == (1, 1) for m in g.modules() if isinstance(m, torch.nn.ConvTranspose2d))
+
+
+def test_seed_discriminator_is_lenet5():
+    d = models.seed_discriminator()
+    x = torch.zeros(2, 1, 32, 32)
+    shapes = []
+    for layer in d.net:
+        x = layer(x)
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.Linear)):
+            shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(6, 28, 28), (6, 14, 14), (16, 10, 10), (16, 5, 5), (120,), (84,), (1,)]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules()) == 2
+
+
+@pytest.mark.parametrize("arch", sorted(models.ARCHS))
+def test_every_arch_maps_noise_to_images(arch):
+    g, d = models.build(arch)
+    img = g.eval()(torch.randn(3, *g.latent_shape))
+    assert img.shape == (3, 1, 32, 32) and img.abs().max() <= 1
+    assert d(img).shape == (3,)
+
+
+def test_seed_flops_match_the_known_count():
+    f = models.flops_per_image(models.seed_generator())
+    assert round(f["useful"] / 1e6) == 74 and round(f["padded"] / 1e6) == 132
+
+
+# ------------------------------------------------------------------ data
+
+
+def write_idx(path: Path, arr: np.ndarray, *, gz: bool) -> Path:
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in arr.shape)
+    raw = header + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_images_and_labels_load_and_resize(tmp_path, gz):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    suffix = ".gz" if gz else ""
+    p = write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", imgs, gz=gz)
+    write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", np.arange(5), gz=gz)
+    d = data.load(str(p))
+    assert d.images.shape == (5, 32, 32) and d.images.dtype == np.uint8
+    assert d.labels.tolist() == [0, 1, 2, 3, 4]
+    t = data.to_tensor(d.images)
+    assert t.shape == (5, 1, 32, 32) and t.min() >= -1 and t.max() <= 1
+
+
+def test_truncated_idx_is_named(tmp_path):
+    p = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((4, 28, 28)), gz=False)
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(DataError, match="x-idx3-ubyte.*truncated"):
+        data.load(str(p))
+
+
+def test_npy_npz_and_folder_sources(tmp_path):
+    from PIL import Image
+
+    arr = np.random.default_rng(1).random((4, 28, 28), dtype=np.float32)
+    np.save(tmp_path / "a.npy", arr)
+    np.savez(tmp_path / "b.npz", images=(arr * 255).astype(np.uint8), labels=np.arange(4))
+    folder = tmp_path / "imgs" / "7"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray((arr[i] * 255).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
+    assert data.load(str(tmp_path / "a.npy")).images.shape == (4, 32, 32)
+    assert data.load(str(tmp_path / "b.npz")).labels.tolist() == [0, 1, 2, 3]
+    f = data.load(str(tmp_path / "imgs"))
+    assert f.images.shape == (3, 32, 32) and f.labels.tolist() == [7, 7, 7]
+
+
+def test_synthetic_digits_are_deterministic_and_labelled():
+    a, b, c = data.synthetic(20, seed=3), data.synthetic(20, seed=3), data.synthetic(20, seed=4)
+    assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
+    assert a.images.shape == (20, 32, 32) and set(a.labels) <= set(range(10))
+    assert a.images.max() == 255 and (a.images == 0).mean() > 0.5  # white strokes on black
+
+
+# ------------------------------------------------------------------ the run folder and resume
+
+
+def test_train_cli_writes_a_complete_run_folder(tmp_path):
+    r = run_cli("train", "--data", "synthetic", "--data-count", "64", "--epochs", "2", "--arch", "seed",
+                "--log-every", "1", "--runs-dir", str(tmp_path), "--run", "r", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    run = tmp_path / "r"
+    assert summary["steps"] == 4 and summary["device"] == "cpu"
+    assert json.loads((run / "config.json").read_text())["arch"] == "seed"
+    assert (run / "checkpoints" / "last.pt").exists() and (run / "loss.png").exists()
+    assert sorted(p.name for p in (run / "samples").glob("epoch-*.png")) == ["epoch-0001.png", "epoch-0002.png"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "img_per_s", "elapsed_s"}
+    state = ckpt.load(run / "checkpoints" / "last.pt")
+    assert state["step"] == 4 and state["config"]["arch"] == "seed" and state["latent_shape"] == [1, 6, 6]
+
+
+def test_sample_grid_uses_the_exported_generator_mode(tmp_path):
+    """The grid is what the EMA generator in eval mode draws from the run's fixed noise."""
+    from PIL import Image
+
+    from gantk.train import fixed_noise
+
+    s = train(tiny(epochs=1), runs_dir=tmp_path)
+    g = ckpt.generator_from(ckpt.load(s["checkpoint"]))
+    with torch.no_grad():
+        first = g(fixed_noise(g.latent_shape, 0)[:1])[0, 0]
+    grid = np.asarray(Image.open(Path(s["run_dir"]) / "samples" / "epoch-0001.png"))
+    expected = first.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    assert np.array_equal(grid[2:34, 2:34], expected)
+
+
+def test_stopped_and_resumed_run_equals_a_straight_run(tmp_path):
+    straight = train(tiny(epochs=3), runs_dir=tmp_path / "a")
+    first = train(tiny(epochs=3, max_steps=5), runs_dir=tmp_path / "b")
+    resumed = train(tiny(epochs=3), resume=Path(first["checkpoint"]))
+    assert resumed["steps"] == straight["steps"] == 9
+    assert weights_equal(ckpt.load(straight["checkpoint"]), ckpt.load(resumed["checkpoint"]))
+    a = list(csv.DictReader(open(Path(straight["run_dir"]) / "metrics.csv")))
+    b = list(csv.DictReader(open(Path(first["run_dir"]) / "metrics.csv")))
+    assert [(r["step"], r["loss_d"], r["loss_g"]) for r in a] == [(r["step"], r["loss_d"], r["loss_g"]) for r in b]
+
+
+def test_resume_drops_metrics_rows_written_after_the_checkpoint(tmp_path):
+    first = train(tiny(epochs=3, max_steps=4), runs_dir=tmp_path)
+    run = Path(first["run_dir"])
+    with open(run / "metrics.csv", "a") as f:  # a crash after the checkpoint left rows behind
+        f.write("6,1,9,9,0.5,0.5,1,1\n")
+    train(tiny(epochs=3), resume=Path(first["checkpoint"]))
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
+    assert steps == sorted(set(steps)) == [2, 4, 6, 8, 9]
+
+
+def test_checkpoints_are_tensors_and_plain_values(trained_run):
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["kind"] == "gantk-checkpoint" and isinstance(state["config"], dict)
+    for key in ("opt_g", "opt_d", "rng", "meter", "ema", "versions"):
+        assert key in state
+
+
+def test_keeps_only_the_newest_numbered_checkpoints(tmp_path):
+    s = train(tiny(epochs=3, keep=2), runs_dir=tmp_path)
+    names = sorted(p.name for p in (Path(s["run_dir"]) / "checkpoints").iterdir())
+    assert names == ["last.pt", "step-00000008.pt", "step-00000009.pt"]
+
+
+def test_non_finite_loss_stops_within_one_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = Trainer._loss
+
+    def poisoned(self, logits, target):
+        loss = original(self, logits, target)
+        return loss * float("nan") if self.step >= 3 else loss
+
+    monkeypatch.setattr(Trainer, "_loss", poisoned)
+    r = run_cli("train", "--data", "synthetic", "--data-count", "96", "--arch", "seed", "--epochs", "3",
+                "--checkpoint-every", "2", "--runs-dir", str(tmp_path), "--run", "r")
+    assert r.exit_code == 3, r.output
+    assert "diverged at step 4" in r.stderr
+    assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 3  # the epoch-end save, last good
+
+
+def test_divergence_raises_in_the_library(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "_loss", lambda self, logits, t: logits.sum() * float("inf"))
+    with pytest.raises(DivergedError):
+        train(tiny(), runs_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ signals (real processes)
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "gantk", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(metrics: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training never logged: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig, code):
+    args = ["train", "--data", "synthetic", "--data-count", "640", "--arch", "seed", "--epochs", "40",
+            "--max-steps", "60", "--log-every", "1", "--sample-every", "100", "--runs-dir", "runs"]
+    proc = _start([*args, "--run", "cut"], tmp_path)
+    _wait_for_rows(tmp_path / "runs" / "cut" / "metrics.csv", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    stopped = ckpt.load(tmp_path / "runs" / "cut" / "checkpoints" / "last.pt")
+    assert 0 < stopped["step"] < 60, "the signal arrived after training ended; the test proves nothing"
+    for p in (["train", "--resume", "runs/cut", "--max-steps", "60"], [*args, "--run", "straight"]):
+        proc = _start(p, tmp_path)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    a = ckpt.load(tmp_path / "runs" / "cut" / "checkpoints" / "last.pt")
+    b = ckpt.load(tmp_path / "runs" / "straight" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 60 and weights_equal(a, b)
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "runs" / "cut" / "metrics.csv"))]
+    assert steps == list(range(1, 61))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "/no/such/file.gz"], "data path not found: /no/such/file.gz"),
+    (["--data", "mnist"], "use --data synthetic"),
+    (["--resume", "/no/such/run.pt"], "checkpoint not found: /no/such/run.pt"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--amp"], "--amp needs CUDA"),
+    (["--batch-size", "0"], "batch-size must be at least 1"),
+    (["--label-smoothing", "0.2"], "label-smoothing"),
+])
+def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    r = run_cli("train", "--data-count", "64", "--runs-dir", str(tmp_path), *(["--data", "synthetic"] if
+                "--data" not in args else []), *args)
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "foreign", "pickle"])
+def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, content):
+    bad = tmp_path / "bad.pt"
+    if content == "truncated":
+        bad.write_bytes((trained_run / "checkpoints" / "last.pt").read_bytes()[:5000])
+    elif content == "foreign":
+        torch.save({"state_dict": {}}, bad)
+    elif content == "pickle":
+        torch.save({"kind": "gantk-checkpoint", "x": Path("/")}, bad)
+    else:
+        bad.write_bytes(content)
+    r = run_cli("train", "--resume", str(bad), "--runs-dir", str(tmp_path))
+    assert r.exit_code == 2, r.output
+    assert str(bad) in r.stderr
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, trained_run):
+    before = (trained_run / "checkpoints" / "last.pt").read_bytes()
+    r = run_cli("train", "--data", "synthetic", "--data-count", "64", "--runs-dir", str(trained_run.parent),
+                "--run", trained_run.name)
+    assert r.exit_code == 2 and "--resume" in r.stderr
+    assert (trained_run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_doctor_reports_versions_and_providers():
+    r = run_cli("doctor", "--json")
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["torch"].startswith("2.") and "CPUExecutionProvider" in doc["onnxruntime providers"]
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.gpu
+def test_cuda_training_resumes_exactly(tmp_path):
+    cfg = tiny(device="cuda", epochs=3)
+    straight = train(cfg, runs_dir=tmp_path / "a")
+    first = train(cfg.replace(max_steps=5), runs_dir=tmp_path / "b")
+    resumed = train(cfg, resume=Path(first["checkpoint"]))
+    assert straight["device"] == "cuda" and resumed["steps"] == 9
+    a, b = ckpt.load(straight["checkpoint"]), ckpt.load(resumed["checkpoint"])
+    for n in a["generator"]:
+        assert torch.allclose(a["generator"][n], b["generator"][n], atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_amp_trains(tmp_path):
+    s = train(tiny(device="cuda", amp=True, max_steps=4), runs_dir=tmp_path)
+    assert s["steps"] == 4 and ckpt.load(s["checkpoint"])["scaler"] is not None
