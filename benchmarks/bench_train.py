@@ -1,0 +1,83 @@
+"""Steps/s of `gantk train` against a bare training loop of the same model, batch, recipe and data.
+
+Interleaved repeats in one run (the machines are shared and noisy); prints a table and the ratio.
+gantk's run includes everything it does: data loader, metrics rows, checkpoints, sample grids, plot.
+
+    .venv/bin/python benchmarks/bench_train.py [--data PATH] [--arch dcgan] [--epochs 1] [--repeats 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gantk import data, models
+from gantk.config import TrainConfig
+from gantk.train import train
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
+
+
+def bare_loop(cfg: TrainConfig, images: torch.Tensor, steps: int) -> float:
+    """The recipe with nothing around it: returns seconds for `steps` steps."""
+    torch.manual_seed(cfg.seed)
+    g, d = models.build(cfg.arch, spectral_norm=cfg.spectral_norm)
+    ema = models.ema_copy(g)
+    og = torch.optim.Adam(g.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
+    od = torch.optim.Adam(d.parameters(), cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    b = cfg.batch_size
+    real_t, fake_t, ones = torch.full((b,), cfg.label_smoothing), torch.zeros(b), torch.ones(b)
+    start = time.perf_counter()
+    perm = torch.randperm(len(images))
+    for i in range(steps):
+        x = images[perm[(i * b) % (len(images) - b):][:b]]
+        fake = g(torch.randn(b, *g.latent_shape))
+        loss_d = F.binary_cross_entropy_with_logits(d(x), real_t) + \
+            F.binary_cross_entropy_with_logits(d(fake.detach()), fake_t)
+        od.zero_grad()
+        loss_d.backward()
+        od.step()
+        loss_g = F.binary_cross_entropy_with_logits(d(fake), ones)
+        og.zero_grad()
+        loss_g.backward()
+        og.step()
+        models.ema_update(ema, g, cfg.ema_decay)
+    return time.perf_counter() - start
+
+
+def gantk_run(cfg: TrainConfig) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        s = train(cfg, runs_dir=Path(tmp))
+        return time.perf_counter() - start, s["steps"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(MNIST) if MNIST.exists() else "synthetic")
+    ap.add_argument("--arch", default="dcgan")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    cfg = TrainConfig(data=a.data, arch=a.arch, epochs=a.epochs, data_count=10_000, device="cpu")
+    images = data.to_tensor(data.load(a.data, count=10_000).images)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, arch {a.arch}, batch {cfg.batch_size}, "
+          f"data {a.data} ({len(images)} images), {a.epochs} epoch(s) per run")
+    ours, bare = [], []
+    for r in range(a.repeats):
+        seconds, steps = gantk_run(cfg)
+        ours.append(steps / seconds)
+        bare.append(steps / bare_loop(cfg, images, steps))
+        print(f"repeat {r + 1}: gantk train {ours[-1]:6.2f} steps/s   bare loop {bare[-1]:6.2f} steps/s")
+    o, b = statistics.median(ours), statistics.median(bare)
+    print(f"median: gantk {o:.2f} steps/s, bare {b:.2f} steps/s, gantk/bare = {o / b:.3f} "
+          f"(bookkeeping costs {100 * (1 - o / b):.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
