@@ -331,8 +331,9 @@ def _can_create(folder: str) -> bool:
 def test_gpu_provider_iobinding_parity_and_determinism(exported, tmp_path, provider):
     import onnxruntime as ort
 
-    if provider == "tensorrt" and "TensorrtExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("no TensorRT in this onnxruntime")
+    ep = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider]
+    if ep not in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime ({ort.__version__}) has no {ep}")
     args = ["--provider", provider, "--count", "600", "--json"]
     r = CliRunner().invoke(cli, ["generate", "--model", str(exported["onnx"]), "--out", str(tmp_path / "a"),
                                  "-q", *args, "--batch-size", "256"])
@@ -353,3 +354,17 @@ def test_gpu_provider_iobinding_parity_and_determinism(exported, tmp_path, provi
         same = sum(a[n] == b for n, b in pngs(tmp_path / other).items())
         print(f"{provider}: {same}/600 PNGs byte-identical to batch 256 with {other}")
         assert same >= 570
+
+
+@pytest.mark.gpu
+def test_gpu_torch_backend_fixed_batch_split_invariant(exported, tmp_path):
+    args = ["--backend", "torch", "--provider", "cuda", "--batch-size", "128"]
+    doc = json.loads(gen(exported["ckpt"], tmp_path / "a", *args, "--count", "300", "--json").stdout)
+    assert doc["provider"] == "cuda" and doc["settings"]["fixed_batch"] == 128
+    gen(exported["ckpt"], tmp_path / "b", *args, "--count", "100")
+    gen(exported["ckpt"], tmp_path / "b", *args, "--start", "100", "--count", "200")
+    assert pngs(tmp_path / "a") == pngs(tmp_path / "b")
+    gen(exported["ckpt"], tmp_path / "cpu", "--backend", "torch", "--provider", "cpu", "--count", "300")
+    same = sum(pngs(tmp_path / "a")[n] == b for n, b in pngs(tmp_path / "cpu").items())
+    print(f"torch cuda vs cpu: {same}/300 PNGs byte-identical")
+    assert same >= 285

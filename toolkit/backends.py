@@ -12,9 +12,11 @@ UsageError naming the cause; `auto` falls back to the CPU with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -92,7 +94,7 @@ def check_metadata(meta: dict[str, str], path: Path) -> dict[str, Any]:
 
 
 def _cuda_reason() -> str | None:
-    """Why CUDA cannot run here, or None. Importing torch first also makes its CUDA libraries visible."""
+    """Why torch cannot run CUDA here, or None. Importing torch first also makes its CUDA libraries visible."""
     try:
         import torch
     except ImportError:
@@ -101,6 +103,17 @@ def _cuda_reason() -> str | None:
         return f"torch {torch.__version__} is built without CUDA"
     if not torch.cuda.is_available():
         return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return None
+
+
+def _ort_cuda_reason(ort, reason: str | None) -> str | None:
+    """CUDA for onnxruntime: a CUDA torch imported first lends its libraries and knows if a device is there;
+    without one, `onnxruntime.preload_dlls()` loads them from the nvidia wheels and the session decides."""
+    if reason is None or "no CUDA device" in reason:
+        return reason
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(sys.stderr):  # it prints what it could not load
+            ort.preload_dlls(directory=None)
     return None
 
 
@@ -118,9 +131,8 @@ def _import_ort():
 def _open_onnx(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
     reason = None if provider == "cpu" else _cuda_reason()  # torch first: its CUDA libs become visible
     ort = _import_ort()
+    reason = None if provider == "cpu" else _ort_cuda_reason(ort, reason)
     wanted, warnings = _wanted_provider(ort, provider, reason)
-    if wanted != "cpu" and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls(directory=None)  # CUDA/cuDNN from torch or the nvidia wheels, the supported way
     session = _session(ort, path, wanted=wanted, threads=threads)
     active = _active_provider(session.get_providers())
     if active != wanted:

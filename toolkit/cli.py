@@ -227,6 +227,8 @@ def generate(**o: Any) -> None:
     model = o["model"] or _default_model(o["backend"], o["runs_dir"])
     if o["model"] is None:
         say(f"model: {model} (newest run's {'checkpoint' if o['backend'] == 'torch' else 'export'})")
+    if click.get_current_context().get_parameter_source("out").name == "DEFAULT":
+        say(f"out: {o['out']}/ (default)")
     req = Request(out=o["out"], seed=o["seed"], start=o["start"], count=o["count"], shard=parse_shard(o["shard"]),
                   batch_size=o["batch_size"], fmt=o["fmt"], grid=o["grid"], overwrite=o["overwrite"],
                   parity=not o["no_parity"], parity_samples=o["parity_samples"], atol=o["atol"],

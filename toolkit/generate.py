@@ -28,9 +28,11 @@ import io
 import json
 import logging
 import os
+import struct
 import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,11 +101,20 @@ def to_pixels(x: np.ndarray) -> np.ndarray:
 
 
 def encode_png(px: np.ndarray) -> bytes:
-    from PIL import Image
+    """8-bit grayscale PNG of a (H, W) uint8 array: filter 0 on every row, zlib level 6.
 
-    buf = io.BytesIO()
-    Image.fromarray(px, "L").save(buf, format="PNG")
-    return buf.getvalue()
+    Written out here rather than through Pillow: for a 32x32 image Pillow's per-call overhead costs
+    ~110 us of CPU against ~35 us for these lines (measured), and that CPU is what the writer threads
+    take from inference on a 2-core machine. zlib releases the GIL while it compresses.
+    """
+    h, w = px.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), px], axis=1).tobytes()
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(raw, 6)) + _png_chunk(b"IEND", b""))
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
 def file_name(i: int) -> str:
@@ -159,9 +170,21 @@ def check_out(out: Path) -> None:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temp file beside `path`, then os.replace: never a partial file under the final name (no fsync)."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
 
 
 def _sha256_file(path: Path) -> str | None:
@@ -376,7 +399,7 @@ def _write_chunk(out: Path, indices: list[int], px: np.ndarray) -> list[tuple[in
     for i, p in zip(indices, px):
         data = encode_png(p)
         path = out / file_name(i)
-        wrote = not (path.is_file() and path.read_bytes() == data)
+        wrote = _read_or_none(path) != data
         if wrote:
             _write_atomic(path, data)
         done.append((i, path.name, hashlib.sha256(data).hexdigest(), wrote))
