@@ -8,8 +8,10 @@ and the share of uint8 pixels that differ after round((x + 1) * 127.5).
 
 Tolerances (max absolute difference on outputs in [-1, 1]):
   fp32: 1e-4. Folding BatchNorm and reordering sums move outputs by about 1e-7.
-  fp16: 2e-2. Weights and activations rounded to half precision (11-bit mantissa, relative error
-        about 5e-4 per rounding) through up to 7 layers; measured figures are in BENCHMARKS.md.
+  fp16: 1e-2. Weights and activations rounded to half precision (11-bit mantissa). Measured on the
+        seed generator after 400 steps: ONNX Runtime CPU 5e-4 max (it runs fp16 Conv through fp32
+        casts), torch computing in fp16 throughout 1.6e-3 max, which is what a GPU's fp16 kernels
+        come close to; 1e-2 leaves room for that and still fails a wrong weight. Figures: BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from gantk.errors import UsageError, VerificationError
 
 BATCH_SIZES = (1, 7, 256)
 NOISE_SEED = 12345
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 
 Runner = Callable[[np.ndarray], np.ndarray]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,9 @@ def test_onnx_default_paths_and_report(onnx_export, ckpt):
     assert report["max_abs_diff"] <= TOLERANCE["fp32"] and report["pixels_off"] < 1e-3
     assert report["size_bytes"] == path.stat().st_size
     assert sorted(p.name for p in path.parent.iterdir()) == ["generator.onnx"]  # no external data, no temp left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_onnx_graph_contract(onnx_export, ckpt):
@@ -319,7 +323,7 @@ def test_unwritable_folder_exit_1(ckpt, tmp_path):
     assert r.exit_code == 1 and str(blocker) in r.stderr, r.output
 
 
-@pytest.mark.skipif(sys.platform == "win32" or __import__("os").geteuid() == 0, reason="root writes anywhere")
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root writes anywhere")
 def test_read_only_folder_exit_1(ckpt, tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir(mode=0o555)

@@ -294,7 +294,7 @@ def _export_formats() -> list[str]:
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: 20].")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 (ONNX only) computes in half precision with float32 inputs and outputs.")
-@click.option("--atol", type=float, default=None, help="Max abs diff allowed against eager [default: fp32 1e-4, fp16 2e-2].")
+@click.option("--atol", type=float, default=None, help="Max abs diff allowed against eager [default: fp32 1e-4, fp16 1e-2].")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON on stdout.")
 @handle_errors
