@@ -397,8 +397,8 @@ def test_cuda_checkpoint_exports_and_runs_on_cuda(tmp_path):
     z = fixed_noise((100, 1, 1), count=64)
     s = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CUDAExecutionProvider"])
     assert s.get_providers()[0] == "CUDAExecutionProvider"
-    np.testing.assert_allclose(s.run(None, {"z": z})[0], _eager(ckpt, z), atol=1e-3)  # TF32/cuDNN rounding
+    np.testing.assert_allclose(s.run(None, {"z": z})[0], _eager(ckpt, z), atol=5e-3)  # TF32/cuDNN rounding
     m = torch.jit.load(str(tmp_path / "g.torchscript"), map_location="cuda")
     with torch.inference_mode():
         got = m(torch.from_numpy(z).cuda()).cpu().numpy()
-    np.testing.assert_allclose(got, _eager(ckpt, z), atol=1e-3)
+    np.testing.assert_allclose(got, _eager(ckpt, z), atol=5e-3)
