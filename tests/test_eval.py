@@ -1,0 +1,249 @@
+"""gantk eval and gantk classifier: metrics that separate real digits from bad ones, and bad input.
+
+One tiny classifier is trained on synthetic digits per module; the reference set is other synthetic
+digits, split into a training side and held-out real digits. Each metric is asserted where it is
+meant to flag a failure: FID, KID and recall flag every bad set; precision flags noise and blur;
+confidence flags blur (softmax is overconfident on noise, and a repeated clean digit is confidently
+classified: entropy and recall catch those); memorisation flags copies of training images.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from gantk import classifier as C
+from gantk import data
+from gantk import evaluate as E
+from gantk.cli import cli
+from gantk.errors import CheckpointError, DataError
+
+HELDOUT = 400
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval")
+
+
+@pytest.fixture(scope="module")
+def clf_path(work):
+    digits = data.synthetic(1500, seed=1)
+    state = C.train(digits.images, digits.labels, epochs=3, batch_size=32, seed=0, source=digits.source)
+    path = work / "classifier.pt"
+    C.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clf(clf_path):
+    return C.load(clf_path)
+
+
+@pytest.fixture(scope="module")
+def ref_path(work):
+    path = work / "reference.npy"
+    np.save(path, data.synthetic(1400, seed=2).images)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ref(clf, ref_path, work):
+    return E.load_reference(str(ref_path), classifier=clf, heldout=HELDOUT, cache_dir=work / "cache")
+
+
+def _blur(images: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    out = np.stack([gaussian_filter(im.astype(np.float32), sigma) for im in images])
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def scores(clf, ref):
+    rng = np.random.default_rng(0)
+    held = ref.heldout
+    sets = {"real": held, "noise": rng.integers(0, 256, held.shape, dtype=np.uint8), "blurred": _blur(held),
+            "repeated": np.repeat(held[:1], len(held), 0), "copies": ref.images[:len(held)]}
+    return {name: E.score(images, classifier=clf, reference=ref) for name, images in sets.items()}
+
+
+# ---------------------------------------------------------------- classifier
+
+
+def test_classifier_learns_and_stores_heldout_accuracy(clf):
+    assert clf.meta["kind"] == C.KIND
+    assert clf.heldout_accuracy > 0.85
+    assert clf.meta["n_heldout"] == 150 and clf.meta["n_train"] == 1350
+    feats, probs = clf.predict(data.synthetic(8, seed=3).images)
+    assert feats.shape == (8, C.FEATURE_DIM) and probs.shape == (8, 10)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_classifier_of_another_kind_is_refused(tmp_path):
+    path = tmp_path / "gan.pt"
+    torch.save({"kind": "gantk-checkpoint", "format": 1}, path)
+    with pytest.raises(CheckpointError, match="not a digit classifier"):
+        C.load(path)
+
+
+def test_classifier_load_never_unpickles_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"kind": C.KIND, "payload": Image.new("L", (2, 2))}, path)
+    with pytest.raises(CheckpointError, match="not a readable classifier"):
+        C.load(path)
+
+
+# ---------------------------------------------------------------- metrics separate real from bad
+
+
+@pytest.mark.parametrize("bad", ["noise", "blurred", "repeated"])
+def test_fid_kid_and_recall_flag_every_bad_set(scores, bad):
+    real, other = scores["real"], scores[bad]
+    assert other["fid"] > 5 * real["fid"]
+    assert other["kid"] - 3 * other["kid_se"] > real["kid"] + 3 * real["kid_se"]
+    assert other["recall"] < real["recall"] - 0.3
+
+
+@pytest.mark.parametrize("bad", ["noise", "blurred"])
+def test_precision_flags_off_manifold_sets(scores, bad):
+    assert scores[bad]["precision"] < scores["real"]["precision"] - 0.3
+
+
+def test_confidence_flags_blurred_digits(scores):
+    assert scores["blurred"]["confidence"] < scores["real"]["confidence"] - 0.1
+
+
+@pytest.mark.parametrize("bad", ["noise", "repeated"])
+def test_class_entropy_flags_collapsed_sets(scores, bad):
+    assert scores["real"]["class_entropy"] > 0.95
+    assert scores[bad]["class_entropy"] < scores["real"]["class_entropy"] - 0.3
+
+
+def test_memorisation_flags_copies_of_training_images(scores):
+    assert scores["copies"]["memorised"] > 0.9
+    assert scores["real"]["memorised"] < 0.15
+    assert scores["noise"]["memorised"] == 0.0
+
+
+def test_class_histogram_and_counts(scores):
+    assert sum(scores["real"]["class_hist"]) == HELDOUT == scores["real"]["count"]
+    assert max(scores["repeated"]["class_hist"]) == HELDOUT
+
+
+def test_small_sample_fid_bias_is_stated(scores):
+    assert any("biased" in w for w in scores["real"]["warnings"])
+
+
+# ---------------------------------------------------------------- API
+
+
+def test_score_is_deterministic_and_takes_paths(clf_path, ref_path, ref, work, monkeypatch):
+    monkeypatch.setattr(E, "_embed_reference", lambda *a, **k: pytest.fail("cache not used"))
+    images = ref.heldout[:200]
+    again = E.load_reference(str(ref_path), classifier=C.load(clf_path), heldout=HELDOUT, cache_dir=work / "cache")
+    a = E.score(images, classifier=clf_path, reference=again)
+    b = E.score(images, classifier=C.load(clf_path), reference=ref)
+    assert a == b
+
+
+def test_too_few_samples_is_a_data_error(clf, ref):
+    with pytest.raises(DataError, match="too few"):
+        E.score(ref.heldout[:E.MIN_SAMPLES - 1], classifier=clf, reference=ref)
+
+
+def test_frechet_of_identical_gaussians_is_zero():
+    from gantk import metrics as M
+
+    x = np.random.default_rng(0).normal(size=(500, 8))
+    mu, sigma = M.gaussian(x)
+    assert M.frechet(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6)
+    assert M.frechet(mu + 1, sigma, mu, sigma) == pytest.approx(8, rel=1e-4)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _eval(args, clf_path, ref_path, work):
+    base = ["eval", *map(str, args), "--classifier", str(clf_path), "--reference", str(ref_path),
+            "--heldout", str(HELDOUT), "--cache-dir", str(work / "cache")]
+    return CliRunner().invoke(cli, base)
+
+
+def test_cli_eval_npy_json_and_report(clf_path, ref_path, ref, work, tmp_path):
+    np.save(tmp_path / "held.npy", ref.heldout)
+    r = _eval([tmp_path / "held.npy", "--json", "--report", tmp_path / "report.png"], clf_path, ref_path, work)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["samples"]["count"] == HELDOUT and doc["real_heldout"]["count"] == HELDOUT
+    assert doc["samples"]["fid"] == pytest.approx(doc["real_heldout"]["fid"], abs=1e-6)
+    with Image.open(tmp_path / "report.png") as im:
+        assert im.size[0] >= 1000
+
+
+def test_cli_eval_converts_wrong_size_and_mode_pngs(clf_path, ref_path, ref, work, tmp_path):
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    for i, im in enumerate(ref.heldout[:150]):
+        Image.fromarray(im).convert("RGB").resize((28, 28)).save(folder / f"{i:03d}.png")
+    r = _eval([folder, "--json"], clf_path, ref_path, work)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["samples"]["count"] == 150
+
+
+def test_cli_eval_model_checkpoint(clf_path, ref_path, work, tmp_path):
+    from gantk.checkpoint import KIND, save
+    from gantk.models import build_generator
+
+    g = build_generator("seed")
+    state = {"format": 1, "kind": KIND, "config": {"arch": "seed"}, "latent_shape": list(g.latent_shape),
+             "step": 0, "generator": g.state_dict(), "ema": None}
+    save(state, tmp_path / "last.pt")
+    r = _eval([tmp_path / "last.pt", "--count", "200", "--json"], clf_path, ref_path, work)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["samples"]["count"] == 200 and "torch" in doc["source"]
+
+
+@pytest.mark.parametrize("case, message", [("empty", "no images"), ("few", "too few"), ("kind", "not a digit classifier"),
+                                           ("missing", "nothing to evaluate")])
+def test_cli_eval_bad_input_exits_2(case, message, clf_path, ref_path, ref, work, tmp_path):
+    source, classifier = tmp_path / "empty", clf_path
+    source.mkdir()
+    if case == "few":
+        source = tmp_path / "few.npy"
+        np.save(source, ref.heldout[:50])
+    elif case == "kind":
+        np.save(tmp_path / "ok.npy", ref.heldout)
+        source, classifier = tmp_path / "ok.npy", tmp_path / "gan.pt"
+        torch.save({"kind": "gantk-checkpoint", "format": 1}, classifier)
+    elif case == "missing":
+        source = tmp_path / "nope"
+    r = _eval([source], classifier, ref_path, work)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+
+
+def test_cli_classifier_train_and_its_bad_input(tmp_path):
+    out = tmp_path / "clf.pt"
+    r = CliRunner().invoke(cli, ["classifier", "train", "--data", "synthetic", "--count", "300", "--epochs", "1",
+                                 "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["heldout"] == 30 and 0 <= doc["heldout_accuracy"] <= 1
+    assert C.load(out).meta["heldout_accuracy"] == doc["heldout_accuracy"]
+
+    np.save(tmp_path / "unlabelled.npy", data.synthetic(50, seed=0).images)
+    r = CliRunner().invoke(cli, ["classifier", "train", "--data", str(tmp_path / "unlabelled.npy"),
+                                 "--out", str(tmp_path / "x.pt")])
+    assert r.exit_code == 2 and "labels" in r.output
+
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"user data")
+    r = CliRunner().invoke(cli, ["classifier", "train", "--data", "synthetic", "--count", "100", "--out", str(mine)])
+    assert r.exit_code == 2 and "not overwriting" in r.output
+    assert mine.read_bytes() == b"user data"

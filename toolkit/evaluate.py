@@ -1,0 +1,295 @@
+"""Score generated digits against real ones in the feature space of gantk's own digit classifier.
+
+`load_reference(spec, classifier=...)` loads real digits and splits off the last `heldout` of them: the
+rest is the *training side* (Gaussian statistics, the k-NN manifold, the memorisation search), the
+held-out part gives the *reference row*, scored exactly like samples so the numbers mean something.
+Its features are cached under `<cache>/eval/`, keyed by the data's and the classifier's sha256.
+
+`score(images, classifier=..., reference=...)` returns the metrics as a flat dict (see `score`);
+`evaluate(source, ...)` is `gantk eval`: load samples (PNG folder, .npy/.npz, or a model), score
+them and the held-out row, and optionally draw the one-page report (`gantk.eval_report`).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import metrics as M
+from .classifier import FEATURE_DIM, Classifier
+from .errors import CheckpointError, DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+MIN_SAMPLES = FEATURE_DIM + 1  # fewer and the feature covariance cannot have full rank
+BIASED_BELOW = 5000  # FID at smaller N is noticeably biased upward
+MEMO_QUANTILE = 0.05  # "closer than real held-out digits usually are": their 5th percentile
+PR_MAX = 10_000  # points per side for precision/recall
+KNN_K = 3
+DEFAULT_COUNT = 10_000
+
+
+@dataclass
+class Reference:
+    """Real digits in the classifier's feature space: the training side and the held-out row."""
+
+    source: str
+    key: str
+    images: np.ndarray  # (N, 32, 32) uint8, training side
+    features: np.ndarray  # (N, 128)
+    mu: np.ndarray
+    sigma: np.ndarray
+    heldout: np.ndarray  # (H, 32, 32) uint8
+    heldout_features: np.ndarray
+    heldout_probs: np.ndarray
+    threshold: float  # memorisation: pixel distance below which a sample counts as a copy
+
+    _pixels: np.ndarray | None = None
+
+    @property
+    def feature_rms(self) -> float:
+        """Root mean square of the training side's features, which KID divides features by."""
+        return float(np.sqrt(np.mean(np.square(self.features, dtype=np.float64)))) or 1.0
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The training side as float32 (N, 1024) in [0, 1], for nearest-neighbour search."""
+        if self._pixels is None:
+            self._pixels = _flat(self.images)
+        return self._pixels
+
+
+@dataclass
+class Analysis:
+    """Scores of one sample set: the metrics dict plus per-sample arrays the report draws from."""
+
+    images: np.ndarray
+    metrics: dict[str, Any]
+    confidence: np.ndarray  # (N,) top-1 probability
+    predicted: np.ndarray  # (N,) top-1 class
+    nn_distance: np.ndarray  # (N,) pixel distance to the nearest training-side image
+    nn_index: np.ndarray  # (N,) its index in Reference.images
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+# ---------------------------------------------------------------- reference
+
+
+def load_reference(spec: Any, *, classifier: Classifier, heldout: int | None = None,
+              cache_dir: str | Path | None = None) -> Reference:
+    """Real digits from `spec` (a data spec or a `Digits`), split and embedded (cached on disk)."""
+    from . import data
+    from .classifier import data_sha256
+
+    digits = spec if isinstance(spec, data.Digits) else data.load(str(spec))
+    h = _heldout_size(len(digits), heldout)
+    train, held = digits.images[:-h], digits.images[-h:]
+    key = hashlib.sha256(f"{data_sha256(digits.images)}:{classifier.sha256}:{h}:{CACHE_VERSION}"
+                         .encode()).hexdigest()[:24]
+    path = Path(cache_dir or data.default_cache() / "eval") / f"reference-{key}.npz"
+    stats = _read_cache(path) or _write_cache(path, _embed_reference(train, held, classifier))
+    return Reference(digits.source, key, train, stats["features"], stats["mu"], stats["sigma"], held,
+                     stats["heldout_features"], stats["heldout_probs"], float(stats["threshold"]))
+
+
+def _heldout_size(n: int, heldout: int | None) -> int:
+    h = heldout if heldout is not None else min(2000, n // 5)
+    if h < MIN_SAMPLES or n - h < MIN_SAMPLES:
+        raise DataError(f"the reference set has {n} images: too few to hold out {h} and keep the rest "
+                        f"(each side needs at least {MIN_SAMPLES})")
+    return h
+
+
+def _embed_reference(train: np.ndarray, held: np.ndarray, classifier: Classifier) -> dict[str, np.ndarray]:
+    log.info("embedding %d reference and %d held-out digits", len(train), len(held))
+    feats, _ = classifier.predict(train)
+    held_feats, held_probs = classifier.predict(held)
+    mu, sigma = M.gaussian(feats)
+    dist, _ = M.nearest(_flat(held), _flat(train))
+    return {"features": feats, "mu": mu, "sigma": sigma, "heldout_features": held_feats,
+            "heldout_probs": held_probs, "threshold": np.float64(np.quantile(dist, MEMO_QUANTILE))}
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stats = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        log.warning("ignoring unreadable reference cache %s", path)
+        return None
+    log.info("reference statistics from cache %s", path)
+    return stats
+
+
+def _write_cache(path: Path, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from .checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **stats)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:  # a read-only cache costs time, not correctness
+        log.warning("could not cache reference statistics in %s (%s)", path, e)
+    return stats
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score(images_uint8: np.ndarray, *, classifier: Classifier | str | Path,
+          reference: Reference | str, seed: int = 0) -> dict[str, Any]:
+    """Metrics of uint8 digits (N, 32, 32) against `reference` (a Reference, or a data spec).
+
+    Returns: count, fid (lower is better), kid and kid_se (lower), confidence (mean top-1, higher),
+    class_entropy (class histogram entropy / log 10, 1 = all digits equally often), class_hist
+    (10 counts), precision and recall (k=3 manifolds, higher), memorised (share of samples closer to
+    a training-side image than 95% of real held-out digits are; about 0.05 for real held-out digits),
+    and warnings (list of str). DataError if there are fewer than MIN_SAMPLES images.
+    """
+    if not isinstance(classifier, Classifier):
+        from .classifier import load
+
+        classifier = load(classifier)
+    if not isinstance(reference, Reference):
+        reference = load_reference(reference, classifier=classifier)
+    return analyse(images_uint8, classifier=classifier, reference=reference, seed=seed).metrics
+
+
+def analyse(images: np.ndarray, *, classifier: Classifier, reference: Reference, seed: int = 0,
+            features: tuple[np.ndarray, np.ndarray] | None = None) -> Analysis:
+    """Score `images` and keep the per-sample arrays (for the report)."""
+    images = _check_images(images)
+    feats, probs = features if features is not None else classifier.predict(images)
+    nn_dist, nn_idx = M.nearest(_flat(images), reference.pixels)
+    conf = M.confidence(probs)
+    out = {"count": len(images), **_distribution(feats, reference, seed=seed), **_classes(probs),
+           "confidence": float(conf.mean()), "memorised": float((nn_dist < reference.threshold).mean()),
+           "warnings": _warnings(len(images))}
+    return Analysis(images, out, conf, probs.argmax(1), nn_dist, nn_idx)
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3 or images.shape[1:] != (32, 32) or images.dtype != np.uint8:
+        raise DataError(f"expected uint8 digits (N, 32, 32), got {images.dtype} {images.shape}")
+    if len(images) < MIN_SAMPLES:
+        raise DataError(f"{len(images)} samples are too few: the metrics need at least {MIN_SAMPLES} "
+                        f"(Fréchet distance needs more samples than the {FEATURE_DIM} feature dimensions)")
+    return images
+
+
+def _distribution(feats: np.ndarray, ref: Reference, *, seed: int) -> dict[str, float]:
+    """FID, KID, precision and recall: the samples' features against the training side."""
+    mu, sigma = M.gaussian(feats)
+    scale = ref.feature_rms  # the cubic kernel wants features of order 1, as Inception's are
+    kid, kid_se = M.kid(feats / scale, ref.features / scale, seed=seed)
+    rng = np.random.default_rng(seed)
+    n = min(len(feats), len(ref.features), PR_MAX)
+    fake = feats if len(feats) == n else feats[rng.choice(len(feats), n, replace=False)]
+    real = ref.features[rng.choice(len(ref.features), n, replace=False)]
+    precision, recall = M.precision_recall(real, fake, k=KNN_K)
+    return {"fid": M.frechet(mu, sigma, ref.mu, ref.sigma), "kid": kid, "kid_se": kid_se,
+            "precision": precision, "recall": recall}
+
+
+def _classes(probs: np.ndarray) -> dict[str, Any]:
+    hist = M.class_histogram(probs)
+    return {"class_entropy": M.normalised_entropy(hist), "class_hist": [int(c) for c in hist]}
+
+
+def _warnings(n: int) -> list[str]:
+    if n >= BIASED_BELOW:
+        return []
+    return [f"FID is biased upward at small sample counts (N={n} < {BIASED_BELOW}): "
+            "compare FID only between sets of the same N"]
+
+
+def heldout_row(reference: Reference, classifier: Classifier, *, seed: int = 0) -> Analysis:
+    """The held-out real digits scored like samples: the row that says what 'good' looks like."""
+    return analyse(reference.heldout, classifier=classifier, reference=reference, seed=seed,
+                   features=(reference.heldout_features, reference.heldout_probs))
+
+
+# ---------------------------------------------------------------- samples
+
+
+MODEL_SUFFIXES = {".pt", ".pth", ".ckpt", ".onnx", ".ts", ".torchscript"}
+
+
+def load_samples(source: str | Path, *, count: int | None = None, seed: int = 0,
+                 provider: str = "cpu") -> tuple[np.ndarray, str]:
+    """uint8 digits (N, 32, 32) from a PNG folder, an .npy/.npz, or a model; and what they came from."""
+    from . import data
+
+    path = Path(source)
+    if not path.exists():
+        raise UsageError(f"nothing to evaluate at {path} (expected a folder of images, .npy/.npz or a model)")
+    if path.is_file() and path.suffix.lower() in MODEL_SUFFIXES:
+        return _sample_model(path, count=count or DEFAULT_COUNT, seed=seed, provider=provider)
+    digits = data.load_path(path)
+    images = digits.images if count is None else digits.images[:count]
+    return images, f"{path} ({len(images)} images)"
+
+
+def _sample_model(path: Path, *, count: int, seed: int, provider: str) -> tuple[np.ndarray, str]:
+    """`count` digits from a checkpoint, ONNX or TorchScript file, with generate's noise per index."""
+    from .backends import open_backend
+    from .generate import noise, to_pixels
+
+    backend = open_backend(_backend_kind(path), path, provider=provider)
+    chunks = [to_pixels(backend(noise(seed, range(i, min(i + 1000, count)), backend.latent_shape)))
+              for i in range(0, count, 1000)]
+    return np.concatenate(chunks), f"{path} ({backend.name}, {count} samples, seed {seed})"
+
+
+def _backend_kind(path: Path) -> str:
+    if path.suffix.lower() == ".onnx":
+        return "onnxruntime"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
+                return "torchscript"
+        return "torch"
+    raise CheckpointError(f"{path}: neither a gantk checkpoint nor a TorchScript or ONNX export")
+
+
+# ---------------------------------------------------------------- gantk eval
+
+
+def evaluate(source: str | Path, *, classifier: str | Path, reference: str = "mnist", count: int | None = None,
+             seed: int = 0, heldout: int | None = None, cache_dir: str | Path | None = None,
+             report: str | Path | None = None, provider: str = "cpu") -> dict[str, Any]:
+    """`gantk eval`: score samples and the held-out real row; draw the PNG report if asked."""
+    from .classifier import load
+
+    clf = load(classifier)
+    images, described = load_samples(source, count=count, seed=seed, provider=provider)
+    _check_images(images)  # fail on bad samples before embedding the reference
+    ref = load_reference(reference, classifier=clf, heldout=heldout, cache_dir=cache_dir)
+    samples, real = analyse(images, classifier=clf, reference=ref, seed=seed), heldout_row(ref, clf, seed=seed)
+    doc = {"source": described, "classifier": {"path": str(classifier), "sha256": clf.sha256,
+           "heldout_accuracy": clf.heldout_accuracy, "trained_on": clf.meta.get("source", "")},
+           "reference": {"source": ref.source, "key": ref.key, "train": len(ref.images),
+                         "heldout": len(ref.heldout), "memorisation_threshold": ref.threshold},
+           "samples": samples.metrics, "real_heldout": real.metrics}
+    if report:
+        from .eval_report import write
+
+        write(report, samples=samples, real=real, reference=ref, title=described)
+        doc["report"] = str(report)
+    return doc
