@@ -130,6 +130,7 @@ def _baseline(checkpoint: Path, count: int, work: Path) -> None:
 
     g, out = generator_from(load(checkpoint)), work / "baseline"
     out.mkdir()
+    torch.set_num_threads(os.cpu_count() or 1)  # torch's default; the torch backend above set its own
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -45,7 +45,7 @@ def pngs(folder: Path) -> dict[str, bytes]:
 
 
 def mtimes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+    return {".": folder.stat().st_mtime_ns, **{p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}}
 
 
 # ------------------------------------------------------------------------------------------ determinism
@@ -300,6 +300,9 @@ def test_out_is_a_file_exit_2_and_read_only_exit_1(exported, tmp_path):
             pytest.skip("no read-only folder available")
     r = gen(exported["onnx"], target, "--count", "3", code=1)
     assert str(target) in r.stderr and "not writable" in r.stderr
+    if os.geteuid() != 0:
+        r = gen(exported["onnx"], ro, "--count", "3", code=1)
+        assert str(ro) in r.stderr and not list(ro.iterdir())
 
 
 def test_default_model_is_newest_runs_export(exported, tmp_path, monkeypatch):

@@ -151,10 +151,15 @@ def check_request(req: Request) -> None:
 
 
 def check_out(out: Path) -> None:
-    """--out must be a folder (or not exist yet) that gantk can write in; probe it, leaving no trace."""
+    """--out must be a folder (or not exist yet) that gantk can write in. An existing folder is asked with
+    os.access (a probe file would change its mtime); a new one is probed in its nearest existing parent."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is an existing file (give a folder)")
-    probe = out
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise GantkError(f"--out {out} is not writable")
+        return
+    probe = out.parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
@@ -393,22 +398,22 @@ def infer_batches(backend, seed: int, todo: list[int], batch_size: int) -> Itera
             yield idx, to_pixels(backend(z))
 
 
-def _write_chunk(out: Path, indices: list[int], px: np.ndarray) -> list[tuple[int, str, str, bool]]:
+def _write_chunk(out: Path, indices: list[int], px: np.ndarray, existing: set[int]) -> list[tuple]:
     """Encode and write PNGs; a file already holding exactly these bytes is left untouched."""
     done = []
     for i, p in zip(indices, px):
-        data = encode_png(p)
-        path = out / file_name(i)
-        wrote = _read_or_none(path) != data
+        data, name = encode_png(p), file_name(i)
+        wrote = i not in existing or _read_or_none(out / name) != data
         if wrote:
-            _write_atomic(path, data)
-        done.append((i, path.name, hashlib.sha256(data).hexdigest(), wrote))
+            _write_atomic(out / name, data)
+        done.append((i, name, hashlib.sha256(data).hexdigest(), wrote))
     return done
 
 
 def write_pngs(backend, req: Request, folder: Folder, todo: list[int], progress: Progress) -> dict[str, int]:
     """Inference in this thread, encoding and writing in `req.writers` threads; the manifest kept current."""
     stats = {"written": 0, "unchanged": 0}
+    existing = {i for i in todo if (folder.path / file_name(i)).exists()}  # left by a crash, or damaged
     pending: collections.deque = collections.deque()
 
     def settle(block: bool) -> None:
@@ -423,7 +428,7 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], progress:
         try:
             for idx, px in infer_batches(backend, req.seed, todo, req.batch_size):
                 for lo in range(0, len(idx), CHUNK):
-                    pending.append(pool.submit(_write_chunk, folder.path, idx[lo:lo + CHUNK], px[lo:lo + CHUNK]))
+                    pending.append(pool.submit(_write_chunk, folder.path, idx[lo:lo + CHUNK], px[lo:lo + CHUNK], existing))
                 settle(False)
                 folder.flush(force=False)
             settle(True)
@@ -451,7 +456,7 @@ def write_npy(backend, req: Request, folder: Folder, progress: Progress) -> dict
     name += f"-shard{req.shard[0]}of{req.shard[1]}.npy" if req.shard[1] > 1 else ".npy"
     path, entry = folder.path / name, folder.arrays.get(name)
     if entry and _sha256_file(path) == entry["sha256"]:
-        return {"written": 0, "unchanged": len(idx), "file": name}
+        return {"written": 0, "unchanged": len(idx), "generated": 0, "file": name}
     arr = np.empty((len(idx), 32, 32), np.uint8)
     pos = 0
     for batch, px in infer_batches(backend, req.seed, idx, req.batch_size):
@@ -466,7 +471,8 @@ def write_npy(backend, req: Request, folder: Folder, progress: Progress) -> dict
         _write_atomic(path, data)
     folder.arrays[name] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "first": idx[0],
                            "stop": req.stop, "step": req.shard[1], "count": len(idx)}
-    return {"written": len(idx) if wrote else 0, "unchanged": 0 if wrote else len(idx), "file": name}
+    return {"written": len(idx) if wrote else 0, "unchanged": 0 if wrote else len(idx), "generated": len(idx),
+            "file": name}
 
 
 def write_grid(req: Request, folder: Folder, *, array: str | None = None) -> str:
@@ -521,13 +527,13 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress) -> dict[str,
     t0 = time.perf_counter()
     if req.fmt == "png":
         stats = write_pngs(be, req, folder, todo, progress) if todo else {"written": 0, "unchanged": 0}
+        stats["generated"] = len(todo)
     else:
         stats = write_npy(be, req, folder, progress)
     seconds = time.perf_counter() - t0
     changed = folder.flush() or changed or stats["written"] > 0 or removed > 0
     progress({"event": "end"})
-    generated = len(todo) if req.fmt == "png" else (0 if stats["unchanged"] else stats["written"])
-    summary = _summary(be, req, folder, parity, stats, kept, generated, seconds, removed)
+    summary = _summary(be, req, folder, parity, stats, kept, stats["generated"], seconds, removed)
     if req.grid:
         summary["grid"] = write_grid(req, folder, array=stats.get("file"))
     write = changed or not (out / SUMMARY).is_file()
