@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = [("fid", "FID (classifier features)", "{:.2f}"), ("kid", "KID x1000", "{:.2f}"),
-        ("confidence", "mean top-1 confidence", "{:.3f}"), ("class_entropy", "class entropy (norm.)", "{:.3f}"),
-        ("precision", "precision (k=3)", "{:.3f}"), ("recall", "recall (k=3)", "{:.3f}"),
-        ("memorised", "memorised share", "{:.3f}"), ("count", "N", "{}")]
+ROWS = [("fid", "FID", "{:.2f}"), ("kid", "KID x1000", "{:.2f}"), ("confidence", "confidence", "{:.3f}"),
+        ("class_entropy", "class entropy", "{:.3f}"), ("precision", "precision", "{:.3f}"),
+        ("recall", "recall", "{:.3f}"), ("memorised", "memorised", "{:.3f}"), ("count", "N", "{}")]
 
 
 def write(path: str | Path, *, samples, real, reference, title: str = "") -> None:
@@ -24,7 +23,7 @@ def write(path: str | Path, *, samples, real, reference, title: str = "") -> Non
     from .checkpoint import atomic_write
 
     fig = plt.figure(figsize=(14, 9), dpi=100)
-    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1])
+    grid = fig.add_gridspec(2, 3, width_ratios=[1.5, 1, 1])
     _table(fig.add_subplot(grid[0, 0]), samples.metrics, real.metrics)
     _histogram(fig.add_subplot(grid[0, 1]), samples.metrics["class_hist"], real.metrics["class_hist"])
     _images(fig.add_subplot(grid[0, 2]), samples.images[:64], cols=8, title="samples (first 64)")
@@ -43,11 +42,11 @@ def write(path: str | Path, *, samples, real, reference, title: str = "") -> Non
 def _table(ax, m: dict, r: dict) -> None:
     ax.axis("off")
     cells = [[label, _fmt(m, key, fmt), _fmt(r, key, fmt)] for key, label, fmt in ROWS]
-    table = ax.table(cellText=cells, colLabels=["metric", "samples", "real held-out"], loc="center",
-                     cellLoc="left", colWidths=[0.5, 0.25, 0.25])
+    table = ax.table(cellText=cells, colLabels=["metric", "samples", "real held-out"], cellLoc="left",
+                     colWidths=[0.34, 0.33, 0.33], bbox=[0, 0.25, 1, 0.75])
     table.auto_set_font_size(False)
     table.set_fontsize(9)
-    table.scale(1, 1.4)
+    ax.set_title("metrics (classifier feature space)", fontsize=9)
     note = "; ".join(m.get("warnings", []))
     if note:
         ax.text(0, 0.02, note, fontsize=7, wrap=True, transform=ax.transAxes, va="bottom")

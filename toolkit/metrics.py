@@ -115,7 +115,7 @@ def normalised_entropy(counts: np.ndarray) -> float:
     """Entropy of a class histogram divided by log(classes): 1 = uniform, 0 = a single class."""
     p = counts / max(counts.sum(), 1)
     p = p[p > 0]
-    return float(-(p * np.log(p)).sum() / np.log(len(counts)))
+    return max(0.0, float(-(p * np.log(p)).sum() / np.log(len(counts))))  # no -0.0
 
 
 def confidence(probs: np.ndarray) -> np.ndarray:
