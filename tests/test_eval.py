@@ -179,8 +179,8 @@ def test_cli_eval_npy_json_and_report(clf_path, ref_path, ref, work, tmp_path):
     r = _eval([tmp_path / "held.npy", "--json", "--report", tmp_path / "report.png"], clf_path, ref_path, work)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["samples"]["count"] == HELDOUT and doc["real_heldout"]["count"] == HELDOUT
-    assert doc["samples"]["fid"] == pytest.approx(doc["real_heldout"]["fid"], abs=1e-6)
+    assert doc["rows"][0]["count"] == HELDOUT and doc["real_heldout"]["count"] == HELDOUT
+    assert doc["rows"][0]["fid"] == pytest.approx(doc["real_heldout"]["fid"], abs=1e-6)
     with Image.open(tmp_path / "report.png") as im:
         assert im.size[0] >= 1000
 
@@ -192,21 +192,32 @@ def test_cli_eval_converts_wrong_size_and_mode_pngs(clf_path, ref_path, ref, wor
         Image.fromarray(im).convert("RGB").resize((28, 28)).save(folder / f"{i:03d}.png")
     r = _eval([folder, "--json"], clf_path, ref_path, work)
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["samples"]["count"] == 150
+    assert json.loads(r.stdout)["rows"][0]["count"] == 150
 
 
-def test_cli_eval_model_checkpoint(clf_path, ref_path, work, tmp_path):
+def _checkpoint(path):
     from gantk.checkpoint import KIND, save
     from gantk.models import build_generator
 
+    torch.manual_seed(0)
     g = build_generator("seed")
     state = {"format": 1, "kind": KIND, "config": {"arch": "seed"}, "latent_shape": list(g.latent_shape),
              "step": 0, "generator": g.state_dict(), "ema": None}
-    save(state, tmp_path / "last.pt")
-    r = _eval([tmp_path / "last.pt", "--count", "200", "--json"], clf_path, ref_path, work)
+    save(state, path)
+    return path
+
+
+def test_cli_eval_checkpoint_beside_its_fp16_export(clf_path, ref_path, work, tmp_path):
+    from gantk.exporters import EXPORTERS
+
+    ckpt = _checkpoint(tmp_path / "last.pt")
+    EXPORTERS["onnx"](ckpt, tmp_path / "fp16.onnx", dtype="fp16")
+    r = _eval([ckpt, tmp_path / "fp16.onnx", "--count", "200", "--json"], clf_path, ref_path, work)
     assert r.exit_code == 0, r.output
-    doc = json.loads(r.stdout)
-    assert doc["samples"]["count"] == 200 and "torch" in doc["source"]
+    eager, half = json.loads(r.stdout)["rows"]
+    assert eager["count"] == half["count"] == 200
+    assert "torch" in eager["source"] and "onnxruntime" in half["source"]
+    assert half["fid"] == pytest.approx(eager["fid"], rel=0.05)  # same noise, same model, fp16 inside
 
 
 @pytest.mark.parametrize("case, message", [("empty", "no images"), ("few", "too few"), ("kind", "not a digit classifier"),

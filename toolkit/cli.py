@@ -397,7 +397,7 @@ def classifier_train(**o: Any) -> None:
 
 
 @cli.command("eval")
-@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--count", type=int, default=None,
               help="Samples to draw from a model [default: 10000]; at most this many from a folder or .npy.")
 @click.option("--classifier", "classifier_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -405,28 +405,32 @@ def classifier_train(**o: Any) -> None:
 @click.option("--reference", default="mnist", show_default=True, help="Real digits: mnist, synthetic or a path.")
 @click.option("--heldout", type=int, default=None,
               help="Real digits held out of --reference (its last ones) for the reference row [default: min(2000, N/5)].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed for a model; subsets of KID.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed for models; subsets of KID.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="cpu", show_default=True,
               help="Where a model runs.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Reference statistics cache [default: $GANTK_CACHE/eval].")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a one-page PNG report.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a one-page PNG report (of the first source).")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
 def eval_cmd(**o: Any) -> None:
-    """Score digits (a PNG folder, .npy/.npz, or a model) against real ones, beside held-out real digits."""
+    """Score digits (PNG folders, .npy/.npz, checkpoints, ONNX or TorchScript exports) beside held-out real ones.
+
+    Several SOURCES (e.g. the fp32 and fp16 exports of one checkpoint) are scored with the same noise.
+    """
     from .checkpoint import newest_checkpoint
     from .evaluate import evaluate
 
-    source = o["source"]
-    if source is None:
-        source = newest_checkpoint(o["runs_dir"])
-        _echo(f"source: {source} (newest run)")
+    sources = list(o["sources"])
+    if not sources:
+        sources = [newest_checkpoint(o["runs_dir"])]
+        _echo(f"source: {sources[0]} (newest run)")
     if o["count"] is not None and o["count"] < 1:
         raise click.UsageError("--count must be at least 1")
     _echo(f"classifier: {o['classifier_path']}; reference: {o['reference']}")
-    doc = evaluate(source, classifier=o["classifier_path"], reference=o["reference"], count=o["count"],
+    doc = evaluate(sources, classifier=o["classifier_path"], reference=o["reference"], count=o["count"],
                    seed=o["seed"], heldout=o["heldout"], cache_dir=o["cache_dir"], report=o["report"],
                    provider=o["provider"])
     if o["as_json"]:
@@ -436,14 +440,17 @@ def eval_cmd(**o: Any) -> None:
 
 
 def _echo_eval(doc: dict[str, Any]) -> None:
-    s, r = doc["samples"], doc["real_heldout"]
-    _echo(f"{'':<22}{'samples':>18}{'real held-out':>18}")
+    columns = [*doc["rows"], doc["real_heldout"]]
+    for j, row in enumerate(doc["rows"]):
+        _echo(f"[{j + 1}] {row['source']}")
+    _echo(f"{'':<18}" + "".join(f"{f'[{j + 1}]':>18}" for j in range(len(doc["rows"]))) + f"{'real held-out':>18}")
     for key, label in [("count", "N"), ("fid", "FID"), ("kid", "KID x1000"), ("confidence", "confidence"),
                        ("class_entropy", "class entropy"), ("precision", "precision"), ("recall", "recall"),
                        ("memorised", "memorised share")]:
-        _echo(f"{label:<22}{_metric(s, key):>18}{_metric(r, key):>18}")
-    _echo(f"{'class histogram':<22}{' '.join(str(c) for c in s['class_hist'])}")
-    for w in s["warnings"]:
+        _echo(f"{label:<18}" + "".join(f"{_metric(m, key):>18}" for m in columns))
+    for j, row in enumerate(doc["rows"]):
+        _echo(f"classes [{j + 1}]       {' '.join(str(c) for c in row['class_hist'])}")
+    for w in sorted({w for row in doc["rows"] for w in row["warnings"]}):
         _echo(f"note: {w}")
     if "report" in doc:
         _echo(f"report: {doc['report']}")

@@ -6,7 +6,7 @@ held-out part gives the *reference row*, scored exactly like samples so the numb
 Its features are cached under `<cache>/eval/`, keyed by the data's and the classifier's sha256.
 
 `score(images, classifier=..., reference=...)` returns the metrics as a flat dict (see `score`);
-`evaluate(source, ...)` is `gantk eval`: load samples (PNG folder, .npy/.npz, or a model), score
+`evaluate(sources, ...)` is `gantk eval`: load samples (PNG folders, .npy/.npz, or models), score
 them and the held-out row, and optionally draw the one-page report (`gantk.eval_report`).
 """
 from __future__ import annotations
@@ -258,38 +258,43 @@ def _sample_model(path: Path, *, count: int, seed: int, provider: str) -> tuple[
 
 
 def _backend_kind(path: Path) -> str:
-    if path.suffix.lower() == ".onnx":
-        return "onnxruntime"
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
-                return "torchscript"
-        return "torch"
-    raise CheckpointError(f"{path}: neither a gantk checkpoint nor a TorchScript or ONNX export")
+    from .exporters import export_kind
+
+    return {"checkpoint": "torch", "torchscript": "torchscript", "onnx": "onnxruntime"}[export_kind(path)]
 
 
 # ---------------------------------------------------------------- gantk eval
 
 
-def evaluate(source: str | Path, *, classifier: str | Path, reference: str = "mnist", count: int | None = None,
-             seed: int = 0, heldout: int | None = None, cache_dir: str | Path | None = None,
-             report: str | Path | None = None, provider: str = "cpu") -> dict[str, Any]:
-    """`gantk eval`: score samples and the held-out real row; draw the PNG report if asked."""
+def evaluate(sources: list[str | Path], *, classifier: str | Path, reference: str = "mnist",
+             count: int | None = None, seed: int = 0, heldout: int | None = None,
+             cache_dir: str | Path | None = None, report: str | Path | None = None,
+             provider: str = "cpu") -> dict[str, Any]:
+    """`gantk eval`: score each source and the held-out real row; the PNG report shows the first source.
+
+    Several sources (say the fp32 and fp16 exports of one checkpoint) are scored with the same noise,
+    classifier and reference, so their rows compare directly.
+    """
     from .classifier import load
 
+    if not sources:
+        raise UsageError("nothing to evaluate: give a folder of images, an .npy/.npz or a model")
     clf = load(classifier)
-    images, described = load_samples(source, count=count, seed=seed, provider=provider)
-    _check_images(images)  # fail on bad samples before embedding the reference
+    loaded = [load_samples(src, count=count, seed=seed, provider=provider) for src in sources]
+    for images, _ in loaded:
+        _check_images(images)  # fail on bad samples before embedding the reference
     ref = load_reference(reference, classifier=clf, heldout=heldout, cache_dir=cache_dir)
-    samples, real = analyse(images, classifier=clf, reference=ref, seed=seed), heldout_row(ref, clf, seed=seed)
-    doc = {"source": described, "classifier": {"path": str(classifier), "sha256": clf.sha256,
-           "heldout_accuracy": clf.heldout_accuracy, "trained_on": clf.meta.get("source", "")},
+    rows = [analyse(images, classifier=clf, reference=ref, seed=seed) for images, _ in loaded]
+    real = heldout_row(ref, clf, seed=seed)
+    doc = {"classifier": {"path": str(classifier), "sha256": clf.sha256, "heldout_accuracy": clf.heldout_accuracy,
+                          "trained_on": clf.meta.get("source", "")},
            "reference": {"source": ref.source, "key": ref.key, "train": len(ref.images),
                          "heldout": len(ref.heldout), "memorisation_threshold": ref.threshold},
-           "samples": samples.metrics, "real_heldout": real.metrics}
+           "rows": [{"source": described, **row.metrics} for (_, described), row in zip(loaded, rows)],
+           "real_heldout": real.metrics}
     if report:
         from .eval_report import write
 
-        write(report, samples=samples, real=real, reference=ref, title=described)
+        write(report, samples=rows[0], real=real, reference=ref, title=loaded[0][1])
         doc["report"] = str(report)
     return doc
