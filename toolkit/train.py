@@ -374,13 +374,13 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, steps_pe
     fixed = fixed_noise(t.g.latent_shape, cfg.seed).to(t.device)
     with open(run.metrics, "a", newline="") as mf:
         writer = csv.DictWriter(mf, METRICS)
+        tick = time.perf_counter()  # every second of the loop, bookkeeping included, lands in elapsed
         while t.step < total:
             order = epoch_order(cfg.seed, t.epoch, len(images))
             batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                        for i in range(t.batch_in_epoch, steps_per_epoch)][: total - t.step]
             loader = torch.utils.data.DataLoader(_Batches(images), sampler=batches, batch_size=None,
                                                  num_workers=cfg.workers, pin_memory=pin)
-            tick = time.perf_counter()
             for x in loader:
                 figures = t.train_step(x.to(t.device, non_blocking=True))
                 now = time.perf_counter()
@@ -404,7 +404,6 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, steps_pe
                 if stop["signum"]:
                     raise Interrupted(f"stopped at step {t.step}; resume with: gantk train --resume "
                                       f"{run.last}", stop["signum"])
-                tick = time.perf_counter()
 
 
 def _end_of_epoch(t: Trainer, run: RunFolder, fixed: torch.Tensor, *, final: bool) -> None:
