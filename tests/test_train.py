@@ -146,7 +146,9 @@ def test_train_cli_writes_a_complete_run_folder(tmp_path):
     assert sorted(p.name for p in (run / "samples").glob("epoch-*.png")) == ["epoch-0001.png", "epoch-0002.png"]
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert set(rows[0]) == {"step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "img_per_s", "elapsed_s"}
+    assert set(rows[0]) == {"step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "img_per_s", "elapsed_s",
+                            "fid", "kid", "precision", "recall", "class_entropy", "confidence"}
+    assert rows[0]["fid"] == ""  # no evaluation asked for
     state = ckpt.load(run / "checkpoints" / "last.pt")
     assert state["step"] == 4 and state["config"]["arch"] == "seed" and state["latent_shape"] == [1, 6, 6]
 
@@ -185,6 +187,27 @@ def test_resume_drops_metrics_rows_written_after_the_checkpoint(tmp_path):
     train(tiny(epochs=3), resume=Path(first["checkpoint"]))
     steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
     assert steps == sorted(set(steps)) == [2, 4, 6, 8, 9]
+
+
+def test_eval_every_logs_quality_keeps_best_and_plots_fid(tmp_path):
+    from gantk import classifier
+
+    classifier.fit("synthetic", out=tmp_path / "clf.pt", count=400, epochs=1)
+    s = train(tiny(data_count=700, epochs=1, log_every=7, eval_every=10, eval_count=200,
+                   classifier=str(tmp_path / "clf.pt")), runs_dir=tmp_path)
+    rows = list(csv.DictReader(open(Path(s["run_dir"]) / "metrics.csv")))
+    scored = {int(r["step"]): float(r["fid"]) for r in rows if r["fid"]}
+    assert sorted(scored) == [10, 20] and all(v > 0 for v in scored.values())
+    assert [int(r["step"]) for r in rows] == [7, 10, 14, 20, 21]
+    best = ckpt.load(Path(s["run_dir"]) / "checkpoints" / "best.pt")
+    assert best["best_fid"] == pytest.approx(min(scored.values()), abs=1e-5)
+    assert best["step"] == min(scored, key=scored.get)
+
+
+def test_eval_every_without_a_classifier_is_exit_2(tmp_path):
+    r = run_cli("train", "--data", "synthetic", "--data-count", "64", "--eval-every", "5",
+                "--runs-dir", str(tmp_path))
+    assert r.exit_code == 2 and "classifier" in r.stderr
 
 
 def test_checkpoints_are_tensors_and_plain_values(trained_run):

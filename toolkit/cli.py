@@ -101,6 +101,11 @@ def cli(debug: bool) -> None:
 @click.option("--keep", type=int, default=3, show_default=True, help="Numbered checkpoints kept besides last.pt.")
 @click.option("--sample-every", type=int, default=1, show_default=True, help="Epochs between sample grids.")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Steps per metrics.csv row.")
+@click.option("--eval-every", type=int, default=0, show_default=True,
+              help="Steps between quality evaluations (FID etc. into metrics.csv, best.pt by FID); 0: none.")
+@click.option("--eval-count", type=int, default=1000, show_default=True, help="Samples per evaluation.")
+@click.option("--classifier", "classifier_path", default=None,
+              help="Classifier for --eval-every [default: <runs-dir>/classifier.pt].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("-v", "--verbose", count=True, help="More detail.")
@@ -121,7 +126,9 @@ def train(**o: Any) -> None:
                          batch_size=o["batch_size"], beta1=o["betas"][0], beta2=o["betas"][1], seed=o["seed"],
                          device=o["device"], amp=o["amp"], workers=o["workers"],
                          checkpoint_every=o["checkpoint_every"], keep=o["keep"], log_every=o["log_every"],
-                         sample_every=o["sample_every"], **recipe)
+                         sample_every=o["sample_every"], eval_every=o["eval_every"], eval_count=o["eval_count"],
+                         classifier=o["classifier_path"] or (str(o["runs_dir"] / "classifier.pt")
+                                                             if o["eval_every"] else None), **recipe)
     resume = None
     if o["resume"] == "auto":
         resume = newest_checkpoint(o["runs_dir"])

@@ -35,6 +35,9 @@ class TrainConfig:
     keep: int = 3                   # step checkpoints kept besides last.pt
     log_every: int = 10             # steps per metrics.csv row
     sample_every: int = 1           # epochs per sample grid
+    eval_every: int = 0             # steps between quality evaluations (0: none)
+    eval_count: int = 1000          # samples per evaluation
+    classifier: str | None = None   # classifier checkpoint for evaluations
 
     def __post_init__(self):
         from .models import ARCHS
@@ -48,6 +51,8 @@ class TrainConfig:
                 raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UsageError(f"max-steps must be at least 1, got {self.max_steps}")
+        if self.eval_every < 0 or self.eval_count < 1:
+            raise UsageError("eval-every must not be negative and eval-count must be at least 1")
         if self.keep < 0 or self.workers < 0:
             raise UsageError("keep and workers must not be negative")
         if not (0.0 <= self.ema_decay < 1.0):

@@ -29,7 +29,8 @@ from .errors import CheckpointError, DataError, DivergedError, Interrupted, Usag
 
 log = logging.getLogger("gantk.train")
 
-METRICS = ["step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "img_per_s", "elapsed_s"]
+EVAL_METRICS = ["fid", "kid", "precision", "recall", "class_entropy", "confidence"]
+METRICS = ["step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "img_per_s", "elapsed_s", *EVAL_METRICS]
 GRID = 100  # samples per grid, 10x10
 
 
@@ -84,6 +85,7 @@ class Trainer:
         self.noise = torch.Generator(device).manual_seed(config.seed + 2)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.elapsed = 0.0
+        self.best_fid = float("inf")
         self.meter = _Meter()
         self.last_figures: dict[str, float] = {}
 
@@ -144,6 +146,7 @@ class Trainer:
             "config": self.config.to_dict(), "latent_shape": list(self.g.latent_shape),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "images_seen": self.step * self.config.batch_size, "elapsed_s": self.elapsed,
+            "best_fid": self.best_fid,
             "generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
@@ -181,6 +184,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint does not match this run's model or format: {e}") from None
         self.step, self.epoch, self.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
         self.elapsed = float(s.get("elapsed_s", 0.0))
+        self.best_fid = float(s.get("best_fid", float("inf")))
         self.meter.load_state_dict(s["meter"])
 
 
@@ -250,6 +254,7 @@ class RunFolder:
         self.samples = self.root / "samples"
         self.metrics = self.root / "metrics.csv"
         self.last = self.checkpoints / "last.pt"
+        self.best = self.checkpoints / "best.pt"
 
     def create(self, config: TrainConfig) -> None:
         if self.root.exists() and any(self.root.iterdir()):
@@ -266,7 +271,7 @@ class RunFolder:
         rows = self.read_metrics()
         keep = [r for r in rows if int(r["step"]) <= step]
         if len(keep) != len(rows) or not self.metrics.exists():
-            lines = [",".join(METRICS)] + [",".join(str(r[k]) for k in METRICS) for r in keep]
+            lines = [",".join(METRICS)] + [",".join(str(r.get(k) or "") for k in METRICS) for r in keep]
             ckpt.atomic_write_bytes(self.metrics, ("\n".join(lines) + "\n").encode())
 
     def read_metrics(self) -> list[dict[str, str]]:
@@ -304,7 +309,13 @@ class RunFolder:
         ax.plot(steps, [float(r["loss_d"]) for r in rows], label="loss D", lw=0.8)
         ax.plot(steps, [float(r["loss_g"]) for r in rows], label="loss G", lw=0.8)
         ax.set_xlabel("step")
-        ax.legend()
+        fid = [(int(r["step"]), float(r["fid"])) for r in rows if r.get("fid")]
+        if fid:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*fid), "o-", color="tab:green", lw=1, ms=3, label="FID (classifier space)")
+            ax2.set_ylabel("FID")
+            ax2.legend(loc="upper right")
+        ax.legend(loc="upper left")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         ckpt.atomic_write(self.root / "loss.png", lambda f: fig.savefig(f, format="png", dpi=100))
@@ -351,6 +362,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
         log.info("resumed %s at step %d (epoch %d)", run.root, trainer.step, trainer.epoch)
     else:
         run.create(config)
+    evaluator = _Evaluator(config, digits) if config.eval_every else None
     images = data_mod.to_tensor(digits.images)
     total = config.epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -360,7 +372,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     if progress:
         progress({"event": "start", **info})
     with _stop_on_signals() as stop:
-        _loop(trainer, run, images, total, steps_per_epoch, stop, progress)
+        _loop(trainer, run, images, total, steps_per_epoch, stop, progress, evaluator)
     if progress:
         progress({"event": "end", "step": trainer.step})
     return {**info, "steps": trainer.step, "epochs_done": trainer.epoch, "checkpoint": str(run.last),
@@ -368,12 +380,12 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
 
 
 def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, steps_per_epoch: int,
-          stop: dict, progress: Callable | None) -> None:
+          stop: dict, progress: Callable | None, evaluator: "_Evaluator | None") -> None:
     cfg = t.config
     pin = t.device.type == "cuda"
     fixed = fixed_noise(t.g.latent_shape, cfg.seed).to(t.device)
     with open(run.metrics, "a", newline="") as mf:
-        writer = csv.DictWriter(mf, METRICS)
+        writer = csv.DictWriter(mf, METRICS, restval="")
         tick = time.perf_counter()  # every second of the loop, bookkeeping included, lands in elapsed
         while t.step < total:
             order = epoch_order(cfg.seed, t.epoch, len(images))
@@ -390,8 +402,9 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, steps_pe
                 t.batch_in_epoch += 1
                 if t.batch_in_epoch == steps_per_epoch:
                     t.epoch, t.batch_in_epoch = t.epoch + 1, 0
-                if t.step % cfg.log_every == 0 or t.step == cfg.epochs * steps_per_epoch:
-                    writer.writerow(t.meter.row(t.step, t.epoch, cfg.batch_size, t.elapsed))
+                quality = evaluator(t, run) if evaluator and t.step % cfg.eval_every == 0 else {}
+                if quality or t.step % cfg.log_every == 0 or t.step == cfg.epochs * steps_per_epoch:
+                    writer.writerow({**t.meter.row(t.step, t.epoch, cfg.batch_size, t.elapsed), **quality})
                     mf.flush()
                 if progress:
                     progress({"event": "step", "step": t.step, **figures})
@@ -404,6 +417,40 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, steps_pe
                 if stop["signum"]:
                     raise Interrupted(f"stopped at step {t.step}; resume with: gantk train --resume "
                                       f"{run.last}", stop["signum"])
+
+
+class _Evaluator:
+    """Scores the sampling generator against the training data in a digit classifier's feature space;
+    keeps checkpoints/best.pt at the lowest FID."""
+
+    def __init__(self, config: TrainConfig, digits: data_mod.Digits):
+        from . import classifier, evaluate
+
+        if config.eval_count < evaluate.MIN_SAMPLES:
+            raise UsageError(f"--eval-count {config.eval_count} is too few: FID in the classifier's "
+                             f"{evaluate.MIN_SAMPLES - 1}-d feature space needs at least {evaluate.MIN_SAMPLES}")
+        if not config.classifier:
+            raise UsageError("--eval-every needs --classifier (make one with `gantk classifier train`)")
+        self.classifier = classifier.load(config.classifier)
+        self.reference = evaluate.load_reference(digits, classifier=self.classifier)
+        self.count, self.seed = config.eval_count, config.seed
+
+    def __call__(self, t: Trainer, run: RunFolder) -> dict[str, float]:
+        from .evaluate import score
+
+        z = fixed_noise(t.g.latent_shape, self.seed + 2, self.count).to(t.device)
+        with torch.no_grad():
+            x = torch.cat([t.sampler.eval()(chunk) for chunk in z.split(500)]).float().cpu()
+        if t.ema is None:
+            t.g.train()
+        pixels = x[:, 0].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        m = score(pixels, classifier=self.classifier, reference=self.reference, seed=self.seed)
+        if m["fid"] < t.best_fid:
+            t.best_fid = m["fid"]
+            ckpt.save(t.state_dict(), run.best)
+        log.info("step %d: FID %.2f (best %.2f), precision %.3f, recall %.3f", t.step, m["fid"],
+                 t.best_fid, m["precision"], m["recall"])
+        return {k: round(float(m[k]), 6) for k in EVAL_METRICS}
 
 
 def _end_of_epoch(t: Trainer, run: RunFolder, fixed: torch.Tensor, *, final: bool) -> None:
