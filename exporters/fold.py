@@ -1,7 +1,8 @@
 """Inference rewrites shared by the exporters: BatchNorm folding and stride-1 ConvTranspose -> Conv.
 
 Both are exact in real arithmetic and change float32 results only by rounding (about 1e-7 here).
-They work on a deep copy; the generator passed in is left as it was.
+They work on a deep copy; the generator passed in is left as it was. `channels_last` builds the fast
+eager torch path on top of the folding (fp32 or bf16 inside, float32 at the edges).
 """
 from __future__ import annotations
 
@@ -78,3 +79,37 @@ def for_inference(g, *, convs: bool):
     """BatchNorm folded, and with `convs` the stride-1 transposed convs rewritten as convs."""
     g = fold_batchnorm(g)
     return stride1_as_conv(g) if convs else g
+
+
+def channels_last(g, *, dtype: str = "fp32"):
+    """`g` for fast eager inference: BatchNorm folded, weights in `dtype` ("fp32" or "bf16"), channels_last.
+
+    float32 NCHW noise in, float32 NCHW images out, so it drops in wherever the eager generator runs.
+    Measured on the 2-core AVX-512 CPU (dcgan, batch 256, one run): fp32 channels_last about 1.7x eager
+    NCHW, bf16 about 2.1x (no AMX there; bf16 pays far more on CPUs with AMX). bf16 rounds weights and
+    activations to an 8-bit mantissa: outputs move by about 1e-3, every uint8 pixel within one level.
+    The stride-1 Conv rewrite is not applied: in channels_last it measured no faster in torch.
+    """
+    import torch
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    inner = fold_batchnorm(g).to(dtypes[dtype]).to(memory_format=torch.channels_last)
+    return _float_edges(inner, dtypes[dtype])
+
+
+def _float_edges(inner, dtype):
+    """float32 NCHW at the edges, `dtype` and channels_last inside (as onnx._half_edges does for fp16)."""
+    import torch
+
+    class FloatEdges(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.dtype, self.latent_shape = inner, dtype, inner.latent_shape
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            x = z.to(self.dtype).contiguous(memory_format=torch.channels_last)
+            return self.inner(x).float().contiguous()
+
+    return FloatEdges().eval()

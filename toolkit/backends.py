@@ -2,7 +2,9 @@
 
 - `onnxruntime` (an ONNX export): CPU, CUDA (IO binding, device-resident output, one fixed batch shape
   with the last batch padded) or TensorRT, chosen with `provider`;
-- `torchscript` (a TorchScript export) and `torch` (a checkpoint, eager): CPU or CUDA.
+- `torchscript` (a TorchScript export) and `torch` (a checkpoint, eager): CPU or CUDA;
+- `torch-bf16` (a checkpoint): BatchNorm folded, bf16 weights and activations, channels_last; every
+  uint8 pixel within one level of fp32, checked by generate's parity check like any export.
 
 Every backend takes float32 noise `(N, *latent_shape)` and returns float32 images `(N, 1, 32, 32)`.
 Backends that are not batch-size invariant on their own (torch, CUDA) run one fixed compute shape and
@@ -27,7 +29,7 @@ from .errors import CheckpointError, UsageError
 
 log = logging.getLogger("gantk")
 
-BACKENDS = ("onnxruntime", "torchscript", "torch")
+BACKENDS = ("onnxruntime", "torchscript", "torch", "torch-bf16")
 PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
 IMAGE_SHAPE = (1, 32, 32)
 FIXED_BATCH = 64  # compute shape of the torch backends on CPU (position in a fixed-shape batch is invariant)
@@ -71,7 +73,8 @@ def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_s
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
     threads = threads or default_threads()
-    opener = {"onnxruntime": _open_onnx, "torchscript": _open_torchscript, "torch": _open_torch}[kind]
+    opener = {"onnxruntime": _open_onnx, "torchscript": _open_torchscript, "torch": _open_torch,
+              "torch-bf16": _open_torch_bf16}[kind]
     return opener(path, provider=provider, batch_size=batch_size, threads=threads)
 
 
@@ -289,13 +292,30 @@ def _open_torchscript(path: Path, *, provider: str, batch_size: int, threads: in
 
 
 def _open_torch(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
-    from .checkpoint import generator_from, load, sha256
+    from .checkpoint import generator_from, load
 
     state = load(path)
-    meta = {"kind": "gantk-generator", "gantk_format": "1", "arch": state["config"]["arch"],
-            "latent_shape": tuple(state["latent_shape"]), "output_range": "[-1, 1]", "dtype": "float32",
-            "source_checkpoint": str(path), "source_sha256": sha256(path), "step": str(state["step"])}
+    meta = _checkpoint_meta(path, state, dtype="float32")
     return _torch_backend("torch", path, generator_from(state), meta, provider, batch_size, threads)
+
+
+def _open_torch_bf16(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
+    """The checkpoint's generator folded, in bf16 and channels_last (exporters.fold.channels_last)."""
+    from .checkpoint import generator_from, load
+    from .exporters.fold import channels_last
+
+    state = load(path)
+    meta = _checkpoint_meta(path, state, dtype="bf16")
+    module = channels_last(generator_from(state), dtype="bf16")
+    return _torch_backend("torch-bf16", path, module, meta, provider, batch_size, threads)
+
+
+def _checkpoint_meta(path: Path, state: dict[str, Any], *, dtype: str) -> dict[str, Any]:
+    from .checkpoint import sha256
+
+    return {"kind": "gantk-generator", "gantk_format": "1", "arch": state["config"]["arch"],
+            "latent_shape": tuple(state["latent_shape"]), "output_range": "[-1, 1]", "dtype": dtype,
+            "source_checkpoint": str(path.resolve()), "source_sha256": sha256(path), "step": str(state["step"])}
 
 
 def _torch_backend(name, path, module, meta, provider, batch_size, threads) -> Backend:
