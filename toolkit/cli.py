@@ -469,6 +469,43 @@ def _metric(m: dict[str, Any], key: str) -> str:
     return str(m[key]) if key == "count" else f"{m[key]:.3f}"
 
 
+# ------------------------------------------------------------------------------------------ bench
+
+
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    from .errors import UsageError
+
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+@cli.command("bench")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX export to measure [default: newest run's export, else one made from the checkpoint].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint for the torch routes and parity [default: the model's source, else newest run's].")
+@click.option("--batch-sizes", default="1,64,256", show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved repeats (medians).")
+@click.option("--count", type=int, default=10000, show_default=True, help="Images for the end-to-end runs.")
+@click.option("--threads", default=None, help="CPU thread counts, e.g. 1,2 [default: generate's default and all cores].")
+@click.option("--no-e2e", is_flag=True, help="Skip the end-to-end generate runs.")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@handle_errors
+def bench_cmd(**o: Any) -> None:
+    """Measure every inference route side by side (interleaved, medians): img/s, GFLOP/s, peak share, parity."""
+    from .bench import bench, format_table
+
+    _setup_logging(0, False)
+    doc = bench(model=o["model"], checkpoint=o["checkpoint"], runs_dir=o["runs_dir"],
+                batch_sizes=_int_list(o["batch_sizes"], "--batch-sizes"), repeats=o["repeats"], count=o["count"],
+                threads=_int_list(o["threads"], "--threads") if o["threads"] else None, e2e=not o["no_e2e"],
+                progress=lambda msg: _echo(f"bench: {msg}"))
+    _emit_json(doc) if o["as_json"] else _echo(format_table(doc))
+
+
 def main() -> None:
     cli(prog_name="gantk")
 

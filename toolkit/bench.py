@@ -1,0 +1,459 @@
+"""`gantk bench`: every inference path gantk offers, measured side by side in one interleaved run.
+
+What runs. For a checkpoint (and its ONNX export): eager torch fp32 (the reference), torch fp32 and bf16
+with BatchNorm folded and channels_last, TorchScript, onnxruntime CPU fp32 at each thread count asked
+for and fp16; with CUDA present also torch on CUDA and onnxruntime's CUDA/TensorRT providers (those
+rows appear only where the hardware and the build have them). Each path at each batch size is warmed
+up, then timed once per repeat, the repeats interleaved (repeat r runs every path before r + 1 starts,
+the order rotated), so a neighbour's load on this shared machine hits all paths alike; figures are
+medians. Compare ratios within one run, never figures across runs.
+
+Figures. images/s; useful GFLOP/s (models.flops_per_image, zero padding of transposed convs not
+counted); the share of the machine's peak: the best of torch, numpy and onnxruntime timing a 1024^2
+matmul of the same dtype at the same thread count, in the same interleaved loop; parity against eager
+fp32 on the same noise (max abs diff, share of uint8 pixels off, most levels a pixel moved); and end
+to end, `generate --count N` for the default path (onnxruntime, fp32, default batch and threads), its
+npy variant, torch-bf16, and the seed-style baseline (eager fp32, batch 32, one PNG saved at a time).
+
+The library returns one dict (the `--json` document); `format_table` renders it for people.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import UsageError
+
+log = logging.getLogger("gantk")
+
+Runner = Callable[[np.ndarray], np.ndarray]
+Progress = Callable[[str], None]
+MIN_IMAGES = 256        # images per timed measurement (batch 1 runs 256 calls)
+MATMUL_N = 1024
+PEAK_CALLS = 3       # a matmul peak is the best of this many calls
+BASELINE_BATCH = 32
+
+
+@dataclass
+class Route:
+    """One inference path: a name people read, its precision and threads, and how to build its runner."""
+
+    name: str
+    precision: str
+    threads: int
+    device: str
+    build: Callable[[int], Runner]    # batch size -> runner (CUDA paths bind one fixed shape per size)
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def resolve_inputs(*, model: Path | None, checkpoint: Path | None, runs_dir: Path) -> tuple[Path, Path | None]:
+    """(checkpoint, onnx export or None). Defaults: the model's source checkpoint, the newest run's files."""
+    from .checkpoint import newest_run, resolve
+    from .exporters import read_metadata
+
+    if model is not None:
+        meta = read_metadata(model)
+        src = checkpoint or meta.get("source_checkpoint") or ""
+        if not src or not Path(src).is_file():
+            raise UsageError(f"{model}: its source checkpoint {src!r} is not there; pass --checkpoint")
+        return resolve(src), Path(model)
+    if checkpoint is not None:
+        return resolve(checkpoint), None
+    run = newest_run(runs_dir)
+    onnx = run / "export" / "generator.onnx"
+    return resolve(run / "checkpoints" / "last.pt"), onnx if onnx.is_file() else None
+
+
+def _exports(checkpoint: Path, onnx: Path | None, work: Path) -> dict[str, Path]:
+    """The files the paths need; missing ones are exported (and validated) into `work`."""
+    from .exporters import EXPORTERS
+
+    files = {"onnx": onnx or work / "generator.onnx", "torchscript": work / "generator.pt",
+             "onnx-fp16": work / "generator-fp16.onnx"}
+    if onnx is None:
+        EXPORTERS["onnx"](checkpoint, files["onnx"])
+    EXPORTERS["torchscript"](checkpoint, files["torchscript"])
+    EXPORTERS["onnx"](checkpoint, files["onnx-fp16"], dtype="fp16")
+    return files
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def _torch_runner(module, threads: int, device: str = "cpu") -> Runner:
+    import torch
+
+    def run(z: np.ndarray) -> np.ndarray:
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            out = module(torch.from_numpy(z).to(device))
+            return out.float().cpu().numpy()
+
+    return run
+
+
+def cpu_paths(g, files: dict[str, Path], *, threads: list[int]) -> list[Route]:
+    """The CPU paths: eager first (it is the parity reference), the default onnxruntime one after."""
+    from .backends import open_backend
+    from .exporters.fold import channels_last
+
+    t0 = threads[0]
+    ort = lambda f, t: (lambda bs: open_backend("onnxruntime", f, provider="cpu", threads=t).run)  # noqa: E731
+    paths = [Route("torch eager", "fp32", t0, "cpu", lambda bs: _torch_runner(g, t0), "seed-style reference"),
+             Route("torch folded+cl", "fp32", t0, "cpu",
+                   lambda bs: _torch_runner(channels_last(g, dtype="fp32"), t0), "BN folded, channels_last"),
+             Route("torch-bf16", "bf16", t0, "cpu",
+                   lambda bs: _torch_runner(channels_last(g, dtype="bf16"), t0), "generate --backend torch-bf16"),
+             Route("torchscript", "fp32", t0, "cpu", lambda bs: _torchscript(files["torchscript"], t0))]
+    paths += [Route("onnxruntime", "fp32", t, "cpu", ort(files["onnx"], t),
+                    "generate default" if t == t0 else "") for t in threads]
+    paths.append(Route("onnxruntime", "fp16", t0, "cpu", ort(files["onnx-fp16"], t0), "fp16 export"))
+    return paths
+
+
+def _torchscript(path: Path, threads: int) -> Runner:
+    from .exporters.torchscript import _quiet_jit
+
+    import torch
+
+    with _quiet_jit():
+        module = torch.jit.load(str(path), map_location="cpu")
+    return _torch_runner(module, threads)
+
+
+def cuda_paths(g, files: dict[str, Path]) -> list[Route]:
+    """CUDA rows, only where torch sees a device / onnxruntime has the provider. Untested on the 2-core CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    import onnxruntime
+
+    from .backends import open_backend
+
+    cuda_g = g.cuda().eval()
+    paths = [Route("torch eager", "fp32", 0, "cuda", lambda bs: _torch_runner(cuda_g, 0, "cuda"), "TF32 on")]
+    for prov in ("cuda", "tensorrt"):
+        if f"{'CUDA' if prov == 'cuda' else 'Tensorrt'}ExecutionProvider" in onnxruntime.get_available_providers():
+            paths.append(Route(f"onnxruntime {prov}", "fp32", 0, "cuda",
+                               lambda bs, p=prov: open_backend("onnxruntime", files["onnx"], provider=p,
+                                                               batch_size=bs).run, "IO binding, fixed shape"))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def _rate(run: Runner, z: np.ndarray) -> float:
+    """images/s of `run` on batch `z`, over at least MIN_IMAGES images."""
+    calls = max(1, -(-MIN_IMAGES // len(z)))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        run(z)
+    return calls * len(z) / (time.perf_counter() - t0)
+
+
+def matmul_peaks(threads: int) -> dict[str, Callable[[], float]]:
+    """dtype -> a function timing one MATMUL_N^2 matmul (GFLOP/s); fp32 tries torch, numpy and onnxruntime."""
+    import torch
+
+    a = np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(a).bfloat16()
+    ort_mm = _ort_matmul(threads)
+    flop = 2.0 * MATMUL_N ** 3
+
+    def timed(fn) -> float:  # a peak: the best of PEAK_CALLS calls
+        best = float("inf")
+        for _ in range(PEAK_CALLS):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return flop / best / 1e9
+
+    def torch_mm(x):
+        torch.set_num_threads(threads)
+        return x @ x
+
+    return {"fp32": lambda: max(timed(lambda: torch_mm(ta)), timed(lambda: a @ a), timed(lambda: ort_mm(a))),
+            "bf16": lambda: timed(lambda: torch_mm(tb))}
+
+
+def _ort_matmul(threads: int) -> Runner:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [MATMUL_N, MATMUL_N]) for n in "abc"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm", io[:2], io[2:])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"a": x, "b": x})[0]
+
+
+def interleaved(runners: dict[tuple[int, int], Runner], noise: dict[int, np.ndarray],
+                peaks: dict[tuple[str, int], Callable[[], float]], *, repeats: int,
+                progress: Progress) -> tuple[dict, dict]:
+    """Warm up everything, then `repeats` rounds each timing every (path, batch) and every peak once."""
+    keys = list(runners)
+    for (p, bs), run in runners.items():
+        run(noise[bs])
+        run(noise[bs])
+    for fn in peaks.values():
+        fn()
+    rates: dict = {k: [] for k in keys}
+    peak: dict = {k: [] for k in peaks}
+    for r in range(repeats):
+        progress(f"repeat {r + 1}/{repeats}")
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            rates[key].append(_rate(runners[key], noise[key[1]]))
+        for key, fn in peaks.items():
+            peak[key].append(fn())
+    return ({k: float(np.median(v)) for k, v in rates.items()}, {k: float(np.median(v)) for k, v in peak.items()})
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+def parity(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Against eager fp32 on the same noise: max abs diff, share of uint8 pixels off, most levels moved."""
+    from .generate import to_pixels
+
+    levels = np.abs(to_pixels(out).astype(np.int16) - to_pixels(ref).astype(np.int16))
+    return {"max_abs_diff": float(np.abs(out.astype(np.float64) - ref).max()),
+            "pixels_off": float((levels > 0).mean()), "max_levels_off": int(levels.max())}
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def end_to_end(model: Path, backend: str, *, out: Path, count: int, fmt: str = "png",
+               threads: int | None = None) -> dict[str, Any]:
+    """`generate` as the command runs it, defaults unless `threads`; the timed phase and the wall time."""
+    from .generate import Request, generate
+
+    t0 = time.perf_counter()
+    s = generate(Request(out=out, count=count, fmt=fmt), model=model, backend=backend, provider="cpu",
+                 threads=threads)
+    return {"backend": backend, "format": fmt, "count": count, "threads": s["settings"].get(
+        "intra_op_num_threads", s["settings"].get("threads")), "batch_size": s["batch_size"],
+            "seconds": s["seconds"], "wall_s": round(time.perf_counter() - t0, 3),
+            "images_per_s": s["images_per_s"], "parity": s["parity"].get("status")}
+
+
+def seed_style_baseline(g, *, out: Path, count: int) -> dict[str, Any]:
+    """The seed project's way: eager fp32, batch 32, torch.randn noise, one PNG saved at a time."""
+    import torch
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)  # torch's own default, as the seed project ran
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, count, BASELINE_BATCH):
+            x = g(torch.randn(min(BASELINE_BATCH, count - lo), *g.latent_shape))
+            px = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            for k, p in enumerate(px):
+                Image.fromarray(np.ascontiguousarray(p), "L").save(out / f"{lo + k:06d}.png")
+    seconds = time.perf_counter() - t0
+    return {"backend": "seed-style baseline", "format": "png", "count": count, "threads": os.cpu_count(),
+            "batch_size": BASELINE_BATCH, "seconds": round(seconds, 3), "wall_s": round(seconds, 3),
+            "images_per_s": round(count / seconds, 1), "parity": "n/a"}
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def bench(*, model: Path | None = None, checkpoint: Path | None = None, runs_dir: Path = Path("runs"),
+          batch_sizes: tuple[int, ...] = (1, 64, 256), repeats: int = 5, count: int = 10000,
+          threads: tuple[int, ...] | None = None, e2e: bool = True,
+          progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every route at every batch size in one interleaved run; the --json document."""
+    from .backends import default_threads
+
+    progress = progress or (lambda msg: None)
+    _check(batch_sizes=batch_sizes, repeats=repeats, count=count, threads=threads)
+    threads = tuple(threads or sorted({default_threads(), os.cpu_count() or 1}))
+    ckpt, onnx = resolve_inputs(model=model, checkpoint=checkpoint, runs_dir=runs_dir)
+    with tempfile.TemporaryDirectory(prefix="gantk-bench-") as tmp:
+        return _measure(ckpt, onnx, Path(tmp), batch_sizes=batch_sizes, repeats=repeats, count=count,
+                        threads=list(threads), e2e=e2e, progress=progress)
+
+
+def _check(*, batch_sizes, repeats, count, threads) -> None:
+    checks = [(batch_sizes and min(batch_sizes) >= 1, f"--batch-sizes must be positive, got {batch_sizes}"),
+              (repeats >= 1, f"--repeats must be at least 1, got {repeats}"),
+              (count >= 1, f"--count must be at least 1, got {count}"),
+              (not threads or min(threads) >= 1, f"--threads must be positive, got {threads}")]
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
+
+
+def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats, count, threads, e2e,
+             progress) -> dict[str, Any]:
+    from .checkpoint import generator_from, load
+    from .exporters.validate import fixed_noise
+    from .models import flops_per_image
+
+    g = generator_from(load(ckpt)).eval()
+    flops = flops_per_image(g)
+    progress("exporting the files the routes need")
+    files = _exports(ckpt, onnx, work)
+    routes = cpu_paths(g, files, threads=threads) + cuda_paths(g, files)
+    z = fixed_noise(tuple(g.latent_shape), count=max(batch_sizes))
+    noise = {bs: np.ascontiguousarray(z[:bs]) for bs in batch_sizes}
+    runners = {(i, bs): r.build(bs) for i, r in enumerate(routes) for bs in batch_sizes}
+    peaks = {(dt, t): fn for t in threads for dt, fn in matmul_peaks(t).items()}
+    rates, peak = interleaved(runners, noise, peaks, repeats=repeats, progress=progress)
+    rows = _rows(routes, runners, rates, peak, noise, flops["useful"], batch_sizes)
+    doc = {"machine": machine(), "checkpoint": str(ckpt), "onnx": str(files["onnx"]), "arch": _arch(ckpt),
+           "flops_per_image": flops, "batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads,
+           "peaks_gflops": {f"{dt}@{t}": round(v, 1) for (dt, t), v in peak.items()}, "rows": rows}
+    if e2e:
+        progress(f"end to end, --count {count}")
+        doc["end_to_end"] = _end_to_end_rows(g, ckpt, files["onnx"], work, count=count, threads=threads)
+        doc["targets"] = targets(doc)
+    return doc
+
+
+def _arch(ckpt: Path) -> str:
+    from .checkpoint import load
+
+    return load(ckpt)["config"]["arch"]
+
+
+def _rows(routes, runners, rates, peak, noise, useful, batch_sizes) -> list[dict[str, Any]]:
+    big = max(batch_sizes)
+    ref = runners[(0, big)](noise[big])
+    rows = []
+    for i, r in enumerate(routes):
+        figures = parity(runners[(i, big)](noise[big]), ref)
+        for bs in batch_sizes:
+            rate = rates[(i, bs)]
+            top = peak.get(("bf16" if r.precision == "bf16" else "fp32", r.threads or 0))
+            rows.append({"route": r.name, "precision": r.precision, "device": r.device, "threads": r.threads,
+                         "batch": bs, "images_per_s": round(rate, 1), "gflops": round(rate * useful / 1e9, 2),
+                         "peak_share": round(rate * useful / 1e9 / top, 4) if top else None,
+                         "peak_dtype": ("bf16" if r.precision == "bf16" else "fp32") if top else None,
+                         "note": r.note, **figures})
+    return rows
+
+
+def _end_to_end_rows(g, ckpt: Path, onnx: Path, work: Path, *, count: int, threads: list[int]) -> list[dict]:
+    rows = [seed_style_baseline(g, out=work / "e2e-baseline", count=count)]
+    rows.append(end_to_end(onnx, "onnxruntime", out=work / "e2e-default", count=count))
+    rows += [end_to_end(onnx, "onnxruntime", out=work / f"e2e-t{t}", count=count, threads=t)
+             for t in threads[1:]]
+    rows.append(end_to_end(onnx, "onnxruntime", out=work / "e2e-npy", count=count, fmt="npy"))
+    rows.append(end_to_end(ckpt, "torch-bf16", out=work / "e2e-bf16", count=count))
+    rows.append(end_to_end(ckpt, "torch-bf16", out=work / "e2e-bf16-npy", count=count, fmt="npy"))
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "load_1min": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "ort_providers": onnxruntime.get_available_providers()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+def targets(doc: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets as ratios within this run."""
+    e2e = {(r["backend"], r["format"], r["threads"]): r for r in doc["end_to_end"]}
+    base = doc["end_to_end"][0]["images_per_s"]
+    default = doc["end_to_end"][1]
+    pure = _row(doc, "onnxruntime", "fp32", default["threads"], default["batch_size"])
+    fp32 = [r for r in doc["rows"] if r["precision"] == "fp32" and r["device"] == "cpu" and r["peak_share"]]
+    best = max(fp32, key=lambda r: r["images_per_s"])
+    bf16 = {fmt: next((r for k, r in e2e.items() if k[0] == "torch-bf16" and k[1] == fmt), None)
+            for fmt in ("png", "npy")}
+    return {"default_e2e_vs_baseline": _ratio(default["images_per_s"], base),
+            "default_e2e_vs_own_pure": _ratio(default["images_per_s"], pure and pure["images_per_s"]),
+            "fastest_fp32": {k: best[k] for k in ("route", "threads", "batch", "images_per_s", "peak_share")},
+            "bf16_png_vs_baseline": _ratio(bf16["png"] and bf16["png"]["images_per_s"], base),
+            "bf16_npy_vs_baseline": _ratio(bf16["npy"] and bf16["npy"]["images_per_s"], base)}
+
+
+def _row(doc, route: str, precision: str, threads: int, batch: int) -> dict | None:
+    return next((r for r in doc["rows"] if (r["route"], r["precision"], r["threads"], r["batch"], r["device"])
+                 == (route, precision, threads, batch, "cpu")), None)
+
+
+def _ratio(a, b) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The human rendering of `bench`'s document."""
+    m = doc["machine"]
+    lines = [f"# gantk bench {m['date']}: {m['cpu']}, {m['cores']} cores, load {m['load_1min']}; torch "
+             f"{m['torch']}, onnxruntime {m['onnxruntime']}; CUDA: {m['cuda'] or 'none (no CUDA/TensorRT rows)'}",
+             f"# {doc['arch']} {doc['checkpoint']}; useful {doc['flops_per_image']['useful'] / 1e6:.1f} MFLOP/image "
+             f"(padded {doc['flops_per_image']['padded'] / 1e6:.1f}); medians of {doc['repeats']} interleaved repeats",
+             "# matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in doc["peaks_gflops"].items()), "",
+             f"{'route':<18}{'prec':<6}{'dev':<5}{'thr':>3}{'batch':>6}{'img/s':>9}{'GFLOP/s':>9}{'peak':>7}"
+             f"{'max|d|':>10}{'px off':>8}{'lvl':>4}  note"]
+    for r in doc["rows"]:
+        share = f"{r['peak_share']:.0%}" if r["peak_share"] is not None else "-"
+        lines.append(f"{r['route']:<18}{r['precision']:<6}{r['device']:<5}{r['threads']:>3}{r['batch']:>6}"
+                     f"{r['images_per_s']:>9.0f}{r['gflops']:>9.1f}{share:>7}{r['max_abs_diff']:>10.2e}"
+                     f"{r['pixels_off']:>8.2%}{r['max_levels_off']:>4}  {r['note']}")
+    if "end_to_end" in doc:
+        lines += ["", _e2e_header()] + [_e2e_line(r) for r in doc["end_to_end"]] + ["", _targets_text(doc["targets"])]
+    return "\n".join(lines)
+
+
+def _e2e_header() -> str:
+    return f"{'end to end':<22}{'fmt':<5}{'thr':>4}{'batch':>6}{'count':>7}{'img/s':>9}{'timed s':>9}{'wall s':>8}  parity"
+
+
+def _e2e_line(r: dict[str, Any]) -> str:
+    return (f"{r['backend']:<22}{r['format']:<5}{r['threads']:>4}{r['batch_size']:>6}{r['count']:>7}"
+            f"{r['images_per_s']:>9.0f}{r['seconds']:>9.2f}{r['wall_s']:>8.2f}  {r['parity']}")
+
+
+def _targets_text(t: dict[str, Any]) -> str:
+    f = t["fastest_fp32"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    return "\n".join([
+        f"target default e2e >= 1.5x seed-style baseline: {fmt(t['default_e2e_vs_baseline'])}",
+        f"target default e2e >= 90% of its pure inference: {fmt(t['default_e2e_vs_own_pure'])}",
+        f"target fastest fp32 >= 80% of fp32 matmul peak: {f['route']} t{f['threads']} batch {f['batch']} "
+        f"{f['images_per_s']:.0f} img/s = {f['peak_share']:.0%}",
+        f"target bf16 e2e >= 5x baseline (png) / 10x (npy): {fmt(t['bf16_png_vs_baseline'])} / "
+        f"{fmt(t['bf16_npy_vs_baseline'])}"])
