@@ -195,10 +195,16 @@ def _session(ort, path: Path, *, wanted: str, threads: int):
         raise CheckpointError(f"{path}: not a loadable ONNX model ({first[:160]})") from None
 
 
+def _device_id() -> int:
+    """The GPU of this process: torchrun's LOCAL_RANK, else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def _provider_list(wanted: str) -> list:
     """CUDA with TF32 off (parity); TensorRT in fp32, its engine built once for our one fixed shape."""
-    cuda = ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"})
-    trt = ("TensorrtExecutionProvider", {"device_id": 0, "trt_fp16_enable": "False"})
+    dev = _device_id()
+    cuda = ("CUDAExecutionProvider", {"device_id": dev, "use_tf32": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"})
+    trt = ("TensorrtExecutionProvider", {"device_id": dev, "trt_fp16_enable": "False"})
     return {"cpu": ["CPUExecutionProvider"], "cuda": [cuda, "CPUExecutionProvider"],
             "tensorrt": [trt, cuda, "CPUExecutionProvider"]}[wanted]
 
@@ -216,8 +222,8 @@ def _check_io(session, meta: dict[str, Any], path: Path) -> None:
 def _iobinding_runner(ort, session, latent: tuple[int, ...], batch: int) -> Callable:
     """CUDA/TensorRT: one fixed input shape on the device, output bound to a device-resident buffer."""
     binding = session.io_binding()
-    z_dev = ort.OrtValue.ortvalue_from_shape_and_type((batch, *latent), np.float32, "cuda", 0)
-    out_dev = ort.OrtValue.ortvalue_from_shape_and_type((batch, *IMAGE_SHAPE), np.float32, "cuda", 0)
+    z_dev = ort.OrtValue.ortvalue_from_shape_and_type((batch, *latent), np.float32, "cuda", _device_id())
+    out_dev = ort.OrtValue.ortvalue_from_shape_and_type((batch, *IMAGE_SHAPE), np.float32, "cuda", _device_id())
     binding.bind_ortvalue_input("z", z_dev)
     binding.bind_ortvalue_output("image", out_dev)
 
@@ -320,8 +326,9 @@ def _checkpoint_meta(path: Path, state: dict[str, Any], *, dtype: str) -> dict[s
 
 def _torch_backend(name, path, module, meta, provider, batch_size, threads) -> Backend:
     device = _torch_device(provider)
-    module = module.to(device).eval()
+    target = device if device == "cpu" else f"cuda:{_device_id()}"
+    module = module.to(target).eval()
     batch = FIXED_BATCH if device == "cpu" else batch_size
-    run = _torch_runner(module, device, batch, tuple(meta["latent_shape"]), threads)
+    run = _torch_runner(module, target, batch, tuple(meta["latent_shape"]), threads)
     settings = {"device": device, "fixed_batch": batch, "threads": threads if device == "cpu" else None}
     return Backend(name, path, device, meta, run, settings)

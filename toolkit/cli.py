@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,8 @@ def _emit_json(doc: Any) -> None:
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
+        level = logging.ERROR
     logging.basicConfig(level=level, format="gantk: %(message)s", stream=sys.stderr, force=True)
 
 
@@ -41,7 +44,10 @@ def handle_errors(fn: Callable) -> Callable:
         except GantkError as e:
             if debug:
                 raise
-            click.echo(f"gantk: error: {e}", err=True)
+            from .errors import Interrupted
+
+            if not isinstance(e, Interrupted) or os.environ.get("RANK", "0") == "0":
+                click.echo(f"gantk: error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("gantk: interrupted", err=True)
@@ -93,6 +99,8 @@ def cli(debug: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 autocast, CUDA only).")
+@click.option("--sync-bn", is_flag=True, help="Under torchrun: SyncBatchNorm across ranks (CUDA only) "
+              "[default: off, each rank normalises its own batch].")
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loader worker processes.")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--run", "run_name", default=None, help="Run folder name under --runs-dir [default: NNNNN-arch-data].")
@@ -124,7 +132,7 @@ def train(**o: Any) -> None:
     recipe.update({k: v for k, v in picks.items() if v is not None})
     config = TrainConfig(data=o["data"], data_count=o["data_count"], max_steps=o["max_steps"],
                          batch_size=o["batch_size"], beta1=o["betas"][0], beta2=o["betas"][1], seed=o["seed"],
-                         device=o["device"], amp=o["amp"], workers=o["workers"],
+                         device=o["device"], amp=o["amp"], sync_bn=o["sync_bn"], workers=o["workers"],
                          checkpoint_every=o["checkpoint_every"], keep=o["keep"], log_every=o["log_every"],
                          sample_every=o["sample_every"], eval_every=o["eval_every"], eval_count=o["eval_count"],
                          classifier=o["classifier_path"] or (str(o["runs_dir"] / "classifier.pt")
@@ -144,8 +152,9 @@ def train(**o: Any) -> None:
         nonlocal bar
         if ev["event"] == "start":
             if not o["quiet"]:
+                ranks = f" x {ev['world_size']} ranks = {ev['global_batch']} per step" if ev["world_size"] > 1 else ""
                 _echo(f"train: {ev['run_dir']} on {ev['device']} ({o['device']}), {ev['images']} images from "
-                      f"{ev['data']}, {ev['total_steps']} steps of {config.batch_size}")
+                      f"{ev['data']}, {ev['total_steps']} steps of {config.batch_size}{ranks}")
             bar = _progress_bar(ev["total_steps"], ev["start_step"], "train")
         elif ev["event"] == "step":
             bar.update(1)
@@ -159,6 +168,8 @@ def train(**o: Any) -> None:
     finally:
         if bar is not None:
             bar.close()
+    if summary["rank"] != 0:
+        return
     if o["as_json"]:
         _emit_json(summary)
     elif not o["quiet"]:
@@ -230,7 +241,8 @@ def generate(**o: Any) -> None:
     from .generate import Request, generate as run_generate, parse_shard
 
     _setup_logging(0, o["quiet"])
-    say = (lambda m: None) if o["quiet"] else _echo
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    say = _echo if main_rank and not o["quiet"] else (lambda m: None)
     model = o["model"] or _default_model(o["backend"], o["runs_dir"])
     if o["model"] is None:
         say(f"model: {model} (newest run's {'checkpoint' if o['backend'] == 'torch' else 'export'})")
@@ -244,7 +256,7 @@ def generate(**o: Any) -> None:
 
     def progress(ev: dict[str, Any]) -> None:
         nonlocal bar
-        if ev["event"] == "start":
+        if ev["event"] == "start" and main_rank:
             bar = _progress_bar(ev["total"], ev["done"], "generate")
             bar.unit = "img"
         elif ev["event"] == "written" and bar is not None:
@@ -258,7 +270,8 @@ def generate(**o: Any) -> None:
     finally:
         if bar is not None:
             bar.close()
-    _emit_json(s) if o["as_json"] else say(_generate_line(s))
+    if main_rank:
+        _emit_json(s) if o["as_json"] else say(_generate_line(s))
 
 
 def _default_model(backend: str, runs_dir: Path) -> Path:

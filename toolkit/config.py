@@ -29,6 +29,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    sync_bn: bool = False           # under torchrun: SyncBatchNorm across ranks (CUDA only)
     workers: int = 0
     data_count: int | None = None   # cap on training images (synthetic: how many to render)
     checkpoint_every: int = 1000    # steps; last.pt is also written at every epoch end

@@ -23,6 +23,7 @@ deleted or overwritten.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -201,6 +202,7 @@ class Folder:
     files: dict[int, dict[str, str]] = field(default_factory=dict)
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
     claimed: bool = False       # a manifest of this identity existed when the run started
+    writer: bool = True         # under torchrun only rank 0 writes the manifest
     _last_flush: float = 0.0
 
     def to_bytes(self) -> bytes:
@@ -213,7 +215,7 @@ class Folder:
         """Write manifest.json if its bytes changed; False when nothing needed writing."""
         from .checkpoint import atomic_write_bytes
 
-        if not force and time.monotonic() - self._last_flush < FLUSH_SECONDS:
+        if not self.writer or (not force and time.monotonic() - self._last_flush < FLUSH_SECONDS):
             return False
         self._last_flush = time.monotonic()
         data, path = self.to_bytes(), self.path / MANIFEST
@@ -490,11 +492,28 @@ def write_grid(req: Request, folder: Folder, *, array: str | None = None) -> str
 
 def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provider: str = "auto",
              threads: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Validate, open the backend, check parity, then write what is missing; returns the summary."""
+    """Validate, open the backend, check parity, then write what is missing; returns the summary.
+
+    Under torchrun rank r of n takes shard r/n of the range; all ranks write into one folder and
+    rank 0 writes the one manifest and summary at the end (Gloo carries only the file lists)."""
+    from . import distributed
+
+    world = distributed.from_env()
+    if world.active:
+        if req.shard != (0, 1):
+            raise UsageError("under torchrun every rank takes its own shard (rank/world size); drop --shard")
+        req = dataclasses.replace(req, shard=(world.rank, world.size))
+    created = distributed.init(world, "cpu")
+    try:
+        return _generate(req, model, backend, provider, threads, progress or (lambda ev: None), world)
+    finally:
+        distributed.shutdown(created)
+
+
+def _generate(req, model, backend, provider, threads, progress, world) -> dict[str, Any]:
     from .backends import open_backend
     from .checkpoint import sha256
 
-    progress = progress or (lambda ev: None)
     check_request(req)
     out = Path(req.out)
     check_out(out)
@@ -502,17 +521,24 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
     identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
                 "latent_shape": list(be.latent_shape)}
     folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
+    folder.writer = world.main
     todo, kept = plan_pngs(folder, req.indices()) if req.fmt == "png" and out.is_dir() else (list(req.indices()), 0)
     parity = parity_check(be, req)
-    return _write(be, req, folder, replaced, todo, kept, parity, progress)
+    return _write(be, req, folder, replaced, todo, kept, parity, progress, world)
 
 
-def _write(be, req, folder, replaced, todo, kept, parity, progress) -> dict[str, Any]:
+def _write(be, req, folder, replaced, todo, kept, parity, progress, world) -> dict[str, Any]:
+    from . import distributed
+
     out = folder.path
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_temps(out)
-    removed = _drop_replaced(out, replaced)
-    changed = folder.flush()  # claim the folder before the first image
+    distributed.barrier(world)  # every rank has planned before rank 0 touches the folder
+    removed, changed = 0, False
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _clean_temps(out)
+        removed = _drop_replaced(out, replaced)
+        changed = folder.flush()  # claim the folder before the first image
+    distributed.barrier(world)
     progress({"event": "start", "total": len(req.indices()), "done": kept})
     t0 = time.perf_counter()
     if req.fmt == "png":
@@ -521,6 +547,11 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress) -> dict[str,
     else:
         stats = write_npy(be, req, folder, progress)
     seconds = time.perf_counter() - t0
+    if world.active:
+        stats, kept, parity, seconds = _merge_ranks(world, folder, stats, kept, parity, seconds)
+        if not world.main:
+            return {"rank": world.rank, **stats}
+        req = dataclasses.replace(req, shard=(0, 1))
     changed = folder.flush() or changed or stats["written"] > 0 or removed > 0
     progress({"event": "end"})
     summary = _summary(be, req, folder, parity, stats, kept, stats["generated"], seconds, removed)
@@ -532,6 +563,21 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress) -> dict[str,
 
         atomic_write_bytes(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
     return {**summary, "summary_written": write}
+
+
+def _merge_ranks(world, folder: Folder, stats: dict, kept: int, parity: dict, seconds: float):
+    """Every rank's manifest entries and counts, gathered into rank 0's folder and summary."""
+    from . import distributed
+
+    parts = distributed.gather(world, (folder.files, folder.arrays, stats, kept, parity, seconds))
+    for files, arrays, *_ in parts:
+        folder.files.update(files)
+        folder.arrays.update(arrays)
+    total = {k: sum(p[2].get(k, 0) for p in parts) for k in ("written", "unchanged", "generated")}
+    checked = [p[4] for p in parts]
+    worst = max(checked, key=lambda c: c.get("max_abs_diff", -1.0))
+    merged_parity = {**worst, "ranks": len(parts), "samples": sum(c.get("samples", 0) for c in checked)}
+    return {**parts[0][2], **total}, sum(p[3] for p in parts), merged_parity, max(p[5] for p in parts)
 
 
 def _summary(be, req, folder, parity, stats, kept, generated, seconds, removed) -> dict[str, Any]:

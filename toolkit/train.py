@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from . import models
+from . import distributed, models
 from .config import TrainConfig
-from .errors import CheckpointError, DataError, DivergedError, Interrupted, UsageError
+from .errors import CheckpointError, DataError, DivergedError, GantkError, Interrupted, UsageError
 
 log = logging.getLogger("gantk.train")
 
@@ -45,9 +45,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The data order of one epoch: a function of (seed, epoch) only, so a resume can replay it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+def epoch_order(seed: int, epoch: int, n: int, world: distributed.World = distributed.World()) -> torch.Tensor:
+    """This rank's share of one epoch's data order: a function of (seed, epoch, rank, world size) only,
+    so a resume can replay it. A `DistributedSampler`, as torchrun users expect, also for one process."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world.size, rank=world.rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
 
 
 def fixed_noise(latent_shape: tuple[int, ...], seed: int, count: int = GRID) -> torch.Tensor:
@@ -70,8 +74,8 @@ class _Batches(torch.utils.data.Dataset):
 class Trainer:
     """G, D, their EMA, optimizers, scaler and RNGs: everything a checkpoint holds."""
 
-    def __init__(self, config: TrainConfig, device: torch.device):
-        self.config, self.device = config, device
+    def __init__(self, config: TrainConfig, device: torch.device, world: distributed.World = distributed.World()):
+        self.config, self.device, self.world = config, device, world
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)
@@ -82,12 +86,26 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.g.parameters(), config.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.d.parameters(), config.lr_d, betas=betas)
         self.scaler = torch.amp.GradScaler("cuda") if config.amp else None
-        self.noise = torch.Generator(device).manual_seed(config.seed + 2)
+        self.noise = torch.Generator(device)
+        self.g_run, self.d_run = self._parallel(self.g), self._parallel(self.d)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.elapsed = 0.0
         self.best_fid = float("inf")
         self.meter = _Meter()
         self.last_figures: dict[str, float] = {}
+
+    def _parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel under torchrun (SyncBatchNorm first if asked), the module itself otherwise."""
+        if not self.world.active:
+            return module
+        if self.config.sync_bn:
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def noise_seed(self) -> int:
+        """Noise of a step is a function of (seed, rank, step): a resume needs no generator state."""
+        return ((self.config.seed * 1_000_003 + self.world.rank) * 1_000_000_007 + self.step) % 2**63
 
     @property
     def sampler(self) -> models.Generator:
@@ -100,19 +118,21 @@ class Trainer:
             return F.binary_cross_entropy(torch.sigmoid(logits.float()), t)
         return F.binary_cross_entropy_with_logits(logits.float(), t)
 
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
-        """One D step on real + fake, one G step on the same fake batch; returns the step's figures."""
+    def train_step(self, x: torch.Tensor, *, stop: bool = False) -> dict[str, float]:
+        """One D step on real + fake, one G step on the same fake batch; returns the step's figures
+        (averaged over ranks) and `stop`: whether any rank was asked to stop."""
         cfg, n = self.config, x.shape[0]
+        self.noise.manual_seed(self.noise_seed())
         z = torch.randn((n, *self.g.latent_shape), generator=self.noise, device=self.device)
         autocast = torch.autocast("cuda", torch.float16) if cfg.amp else nullcontext()
         with autocast:
-            fake = self.g(z)
-            d_real, d_fake = self.d(x), self.d(fake.detach())
+            fake = self.g_run(z)
+            d_real, d_fake = self.d_run(x), self.d_run(fake.detach())
             loss_d = self._loss(d_real, cfg.label_smoothing) + self._loss(d_fake, 0.0)
         self.opt_d.zero_grad(set_to_none=True)
         self._backward_step(loss_d, self.opt_d)
         with autocast:
-            d_gen = self.d(fake)
+            d_gen = self.d_run(fake)
             loss_g = self._loss(d_gen, 1.0)
         self.opt_g.zero_grad(set_to_none=True)
         self._backward_step(loss_g, self.opt_g)
@@ -122,13 +142,15 @@ class Trainer:
             decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
             models.ema_update(self.ema, self.g, decay)
         figures = torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(d_real.detach().float()).mean(),
-                               torch.sigmoid(d_fake.detach().float()).mean()]).tolist()
+                               torch.sigmoid(d_fake.detach().float()).mean(),
+                               torch.tensor(float(stop), device=loss_d.device)])
+        figures = distributed.all_sum(self.world, figures).div_(self.world.size).tolist()
         if not all(np.isfinite(figures[:2])):
             raise DivergedError(f"training diverged at step {self.step + 1}: loss_d={figures[0]}, "
                                 f"loss_g={figures[1]}; the last good checkpoint is kept")
         self.step += 1
         self.last_figures = dict(zip(("loss_d", "loss_g", "d_x", "d_g_z"), figures))
-        return self.last_figures
+        return {**self.last_figures, "stop": figures[4] > 0}
 
     def _backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         if self.scaler is None:
@@ -138,7 +160,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, rank_checksums: list[float] | None = None) -> dict[str, Any]:
         cuda_rng = [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
         np_state = np.random.get_state()
         return {
@@ -146,15 +168,15 @@ class Trainer:
             "config": self.config.to_dict(), "latent_shape": list(self.g.latent_shape),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "images_seen": self.step * self.config.batch_size, "elapsed_s": self.elapsed,
-            "best_fid": self.best_fid,
+            "best_fid": self.best_fid, "world_size": self.world.size,
+            "rank_checksums": rank_checksums or [self.checksum()],
             "generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": {"python": _plain(random.getstate()),
                     "numpy": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])],
-                    "torch": torch.get_rng_state(), "cuda": cuda_rng,
-                    "noise": self.noise.get_state(), "noise_device": self.device.type},
+                    "torch": torch.get_rng_state(), "cuda": cuda_rng},
             "meter": self.meter.state_dict(),
         }
 
@@ -174,18 +196,26 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            if rng["noise_device"] == self.device.type:
-                self.noise.set_state(rng["noise"])
-            else:
-                log.warning("resuming on %s a run saved on %s: noise draws will differ from a straight run",
-                            self.device.type, rng["noise_device"])
-                self.noise.manual_seed(self.config.seed + 2 + s["step"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint does not match this run's model or format: {e}") from None
         self.step, self.epoch, self.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
+        saved_world = int(s.get("world_size", 1))
+        if saved_world != self.world.size:
+            seen = self.batch_in_epoch * self.config.batch_size * saved_world
+            self.batch_in_epoch = seen // (self.config.batch_size * self.world.size)
+            log.warning("resuming a run of %d process(es) on %d: the global batch changes from %d to %d and each "
+                        "rank's data order and noise differ from a straight run; the epoch continues after its "
+                        "first %d images", saved_world, self.world.size, saved_world * self.config.batch_size,
+                        self.world.size * self.config.batch_size, seen)
         self.elapsed = float(s.get("elapsed_s", 0.0))
         self.best_fid = float(s.get("best_fid", float("inf")))
         self.meter.load_state_dict(s["meter"])
+
+
+    def checksum(self) -> float:
+        """A float64 sum of every G and D parameter: equal on all ranks when they hold the same weights."""
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in [*self.g.parameters(), *self.d.parameters()]))
 
 
 def _plain(x):
@@ -337,7 +367,11 @@ def new_run_dir(runs_dir: Path, config: TrainConfig) -> Path:
 
 def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = Path("runs"),
           resume: Path | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train (or resume) one run; returns a summary. Raises Interrupted after a clean save on a signal."""
+    """Train (or resume) one run; returns a summary. Raises Interrupted after a clean save on a signal.
+
+    Under torchrun every rank calls this: DDP over NCCL (CUDA) or Gloo (CPU), `batch_size` per rank,
+    rank 0 alone writes the run folder and reports progress."""
+    world = distributed.from_env()
     state = None
     if resume is not None:
         state = ckpt.load(resume)
@@ -350,51 +384,78 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     device = resolve_device(config.device)
     if config.amp and device.type != "cuda":
         raise UsageError("--amp needs CUDA (it trains in float16 autocast with a gradient scaler)")
+    if config.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+    created = distributed.init(world, device.type)
+    try:
+        if device.type == "cuda" and world.active:
+            device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device)
+        return _train(config, world, device, state, run_dir, runs_dir, progress if world.main else None)
+    finally:
+        distributed.shutdown(created)
+
+
+def _train(config: TrainConfig, world: distributed.World, device: torch.device, state: dict | None,
+           run_dir: Path | None, runs_dir: Path, progress: Callable | None) -> dict[str, Any]:
     digits = data_mod.load(config.data, seed=config.seed, count=config.data_count)
-    steps_per_epoch = len(digits) // config.batch_size
+    steps_per_epoch = len(digits) // (config.batch_size * world.size)
     if steps_per_epoch == 0:
-        raise DataError(f"{digits.source}: {len(digits)} images, fewer than one batch of {config.batch_size}")
-    run = RunFolder(run_dir or new_run_dir(runs_dir, config))
-    trainer = Trainer(config, device)
+        raise DataError(f"{digits.source}: {len(digits)} images, fewer than one batch of {config.batch_size} "
+                        f"for each of {world.size} process(es)")
+    trainer = Trainer(config, device, world)
     if state is not None:
         trainer.load_state_dict(state)
-        run.truncate_metrics(trainer.step)
+    run = RunFolder(distributed.on_main(world, lambda: _prepare_run(config, run_dir, runs_dir, trainer.step)))
+    if state is not None:
         log.info("resumed %s at step %d (epoch %d)", run.root, trainer.step, trainer.epoch)
-    else:
-        run.create(config)
-    evaluator = _Evaluator(config, digits) if config.eval_every else None
+    evaluator = _Evaluator(config, digits) if config.eval_every and world.main else None
     images = data_mod.to_tensor(digits.images)
-    total = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    info = dict(run_dir=str(run.root), device=str(device), images=len(digits), data=digits.source,
-                steps_per_epoch=steps_per_epoch, total_steps=total, start_step=trainer.step)
+    # the last step of the last epoch (counted from where a resume stands, as the world size may differ)
+    final = trainer.step + (config.epochs - trainer.epoch) * steps_per_epoch - trainer.batch_in_epoch
+    total = final if config.max_steps is None else min(final, config.max_steps)
+    info = dict(run_dir=str(run.root), device=str(device), world_size=world.size, rank=world.rank,
+                batch_per_rank=config.batch_size, global_batch=config.batch_size * world.size,
+                images=len(digits), data=digits.source, steps_per_epoch=steps_per_epoch, total_steps=total,
+                start_step=trainer.step)
     if progress:
         progress({"event": "start", **info})
     with _stop_on_signals() as stop:
-        _loop(trainer, run, images, total, steps_per_epoch, stop, progress, evaluator)
+        _loop(trainer, run, images, total, final, steps_per_epoch, stop, progress, evaluator)
+    distributed.barrier(world)
     if progress:
         progress({"event": "end", "step": trainer.step})
     return {**info, "steps": trainer.step, "epochs_done": trainer.epoch, "checkpoint": str(run.last),
             "elapsed_s": round(trainer.elapsed, 2), "last_step": trainer.last_figures}
 
 
-def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, steps_per_epoch: int,
+def _prepare_run(config: TrainConfig, run_dir: Path | None, runs_dir: Path, step: int) -> Path:
+    """Rank 0: create a new run folder, or trim a resumed one's metrics to its checkpoint."""
+    run = RunFolder(run_dir or new_run_dir(runs_dir, config))
+    if step:
+        run.truncate_metrics(step)
+    else:
+        run.create(config)
+    return run.root
+
+
+def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: int, steps_per_epoch: int,
           stop: dict, progress: Callable | None, evaluator: "_Evaluator | None") -> None:
-    cfg = t.config
+    cfg, main = t.config, t.world.main
     pin = t.device.type == "cuda"
     fixed = fixed_noise(t.g.latent_shape, cfg.seed).to(t.device)
-    with open(run.metrics, "a", newline="") as mf:
-        writer = csv.DictWriter(mf, METRICS, restval="")
+    with (open(run.metrics, "a", newline="") if main else nullcontext()) as mf:
+        writer = csv.DictWriter(mf, METRICS, restval="") if main else None
         tick = time.perf_counter()  # every second of the loop, bookkeeping included, lands in elapsed
         while t.step < total:
-            order = epoch_order(cfg.seed, t.epoch, len(images))
+            order = epoch_order(cfg.seed, t.epoch, len(images), t.world)
             batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                        for i in range(t.batch_in_epoch, steps_per_epoch)][: total - t.step]
             loader = torch.utils.data.DataLoader(_Batches(images), sampler=batches, batch_size=None,
                                                  num_workers=cfg.workers, pin_memory=pin)
             for x in loader:
-                figures = t.train_step(x.to(t.device, non_blocking=True))
+                figures = t.train_step(x.to(t.device, non_blocking=True), stop=stop["signum"] is not None)
+                stopping = figures.pop("stop")
                 now = time.perf_counter()
                 t.meter.add(figures, now - tick)
                 t.elapsed += now - tick
@@ -403,20 +464,33 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, steps_pe
                 if t.batch_in_epoch == steps_per_epoch:
                     t.epoch, t.batch_in_epoch = t.epoch + 1, 0
                 quality = evaluator(t, run) if evaluator and t.step % cfg.eval_every == 0 else {}
-                if quality or t.step % cfg.log_every == 0 or t.step == cfg.epochs * steps_per_epoch:
-                    writer.writerow({**t.meter.row(t.step, t.epoch, cfg.batch_size, t.elapsed), **quality})
+                row = t.meter.row if quality or t.step % cfg.log_every == 0 or t.step == final else None
+                if row and main:
+                    writer.writerow({**row(t.step, t.epoch, cfg.batch_size * t.world.size, t.elapsed), **quality})
                     mf.flush()
+                elif row:
+                    row(t.step, t.epoch, cfg.batch_size, t.elapsed)  # every rank restarts its sums alike
                 if progress:
                     progress({"event": "step", "step": t.step, **figures})
                 epoch_end = t.batch_in_epoch == 0
-                if epoch_end or t.step == total:
+                if main and (epoch_end or t.step == total):
                     _end_of_epoch(t, run, fixed, final=t.step == total)
-                if t.step % cfg.checkpoint_every == 0 or epoch_end or t.step == total or stop["signum"]:
-                    run.save_checkpoint(t.state_dict(), step=t.step, keep=cfg.keep,
-                                        numbered=t.step % cfg.checkpoint_every == 0 or t.step == total)
-                if stop["signum"]:
+                if t.step % cfg.checkpoint_every == 0 or epoch_end or t.step == total or stopping:
+                    _checkpoint(t, run, numbered=t.step % cfg.checkpoint_every == 0 or t.step == total)
+                if stopping:
+                    distributed.barrier(t.world)  # nobody exits (and so signals the others) before the save
                     raise Interrupted(f"stopped at step {t.step}; resume with: gantk train --resume "
-                                      f"{run.last}", stop["signum"])
+                                      f"{run.last}", stop["signum"] or signal.SIGTERM)
+
+
+def _checkpoint(t: Trainer, run: RunFolder, *, numbered: bool) -> None:
+    """Every rank reports a weight checksum; rank 0 checks they agree and saves."""
+    sums = distributed.gather(t.world, t.checksum())
+    if not t.world.main:
+        return
+    if len(set(sums)) > 1:
+        raise GantkError(f"ranks disagree on the weights at step {t.step} (checksums {sums}); not saving")
+    run.save_checkpoint(t.state_dict(rank_checksums=sums), step=t.step, keep=t.config.keep, numbered=numbered)
 
 
 class _Evaluator:
