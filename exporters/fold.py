@@ -85,10 +85,10 @@ def channels_last(g, *, dtype: str = "fp32"):
     """`g` for fast eager inference: BatchNorm folded, weights in `dtype` ("fp32" or "bf16"), channels_last.
 
     float32 NCHW noise in, float32 NCHW images out, so it drops in wherever the eager generator runs.
-    Measured on the 2-core AVX-512 CPU (dcgan, batch 256, one run): fp32 channels_last about 1.7x eager
-    NCHW, bf16 about 2.1x (no AMX there; bf16 pays far more on CPUs with AMX). bf16 rounds weights and
-    activations to an 8-bit mantissa: outputs move by about 1e-3, every uint8 pixel within one level.
-    The stride-1 Conv rewrite is not applied: in channels_last it measured no faster in torch.
+    `gantk bench` measures both. On the 2-core AVX-512 CPU (no AMX): fp32 about 1.1-1.4x eager NCHW,
+    bf16 about 2-3x; but bf16 moves the trained MNIST dcgan's pixels by up to 6 uint8 levels (19% of
+    them), so it is a measured route only, not a generate backend. The stride-1 Conv rewrite is not
+    applied: in channels_last it measured no faster in torch.
     """
     import torch
 

@@ -2,9 +2,7 @@
 
 - `onnxruntime` (an ONNX export): CPU, CUDA (IO binding, device-resident output, one fixed batch shape
   with the last batch padded) or TensorRT, chosen with `provider`;
-- `torchscript` (a TorchScript export) and `torch` (a checkpoint, eager): CPU or CUDA;
-- `torch-bf16` (a checkpoint): BatchNorm folded, bf16 weights and activations, channels_last; every
-  uint8 pixel within one level of fp32, checked by generate's parity check like any export.
+- `torchscript` (a TorchScript export) and `torch` (a checkpoint, eager): CPU or CUDA.
 
 Every backend takes float32 noise `(N, *latent_shape)` and returns float32 images `(N, 1, 32, 32)`.
 Backends that are not batch-size invariant on their own (torch, CUDA) run one fixed compute shape and
@@ -29,7 +27,7 @@ from .errors import CheckpointError, UsageError
 
 log = logging.getLogger("gantk")
 
-BACKENDS = ("onnxruntime", "torchscript", "torch", "torch-bf16")
+BACKENDS = ("onnxruntime", "torchscript", "torch")
 PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
 IMAGE_SHAPE = (1, 32, 32)
 FIXED_BATCH = 64  # compute shape of the torch backends on CPU (position in a fixed-shape batch is invariant)
@@ -57,7 +55,15 @@ class Backend:
 
 
 def default_threads() -> int:
-    """onnxruntime/torch intra-op threads: leave a core to the PNG writers (measured, see bench_generate)."""
+    """onnxruntime/torch intra-op threads: leave a core to the PNG writers.
+
+    Measured with `gantk bench` on the 2-core CPU, one interleaved run each (trained MNIST dcgan / seed):
+    generate --count 10000 to PNGs ran 2639 vs 2626 img/s (dcgan) and 1345 vs 1567 (seed) with 1 vs 2
+    intra-op threads, and pure inference with 1 thread was as fast as with 2 or faster (4556 vs 4333
+    img/s at batch 64), because the writers and the machine's other jobs hold the second core. Batch
+    size hardly moves onnxruntime on the CPU (4576/4556/4530 img/s at 1/64/256), so generate keeps 256;
+    the torch routes peak near 64, hence FIXED_BATCH.
+    """
     cores = os.cpu_count() or 1
     return 1 if cores <= 2 else min(4, cores - 1)
 
@@ -73,8 +79,7 @@ def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_s
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
     threads = threads or default_threads()
-    opener = {"onnxruntime": _open_onnx, "torchscript": _open_torchscript, "torch": _open_torch,
-              "torch-bf16": _open_torch_bf16}[kind]
+    opener = {"onnxruntime": _open_onnx, "torchscript": _open_torchscript, "torch": _open_torch}[kind]
     return opener(path, provider=provider, batch_size=batch_size, threads=threads)
 
 
@@ -303,17 +308,6 @@ def _open_torch(path: Path, *, provider: str, batch_size: int, threads: int) -> 
     state = load(path)
     meta = _checkpoint_meta(path, state, dtype="float32")
     return _torch_backend("torch", path, generator_from(state), meta, provider, batch_size, threads)
-
-
-def _open_torch_bf16(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
-    """The checkpoint's generator folded, in bf16 and channels_last (exporters.fold.channels_last)."""
-    from .checkpoint import generator_from, load
-    from .exporters.fold import channels_last
-
-    state = load(path)
-    meta = _checkpoint_meta(path, state, dtype="bf16")
-    module = channels_last(generator_from(state), dtype="bf16")
-    return _torch_backend("torch-bf16", path, module, meta, provider, batch_size, threads)
 
 
 def _checkpoint_meta(path: Path, state: dict[str, Any], *, dtype: str) -> dict[str, Any]:

@@ -9,17 +9,17 @@ the order rotated), so a neighbour's load on this shared machine hits all paths 
 medians. Compare ratios within one run, never figures across runs.
 
 Figures. images/s; useful GFLOP/s (models.flops_per_image, zero padding of transposed convs not
-counted); the share of the machine's peak: the best of torch, numpy and onnxruntime timing a 1024^2
-matmul of the same dtype at the same thread count, in the same interleaved loop; parity against eager
+counted); the share of the machine's peak: the best rate of torch or onnxruntime on a 1024^2 matmul of
+the same dtype at the same thread count, timed in the same interleaved loop (fp16 rows, which this CPU
+runs through fp32 arithmetic, are set against the fp32 peak); parity against eager
 fp32 on the same noise (max abs diff, share of uint8 pixels off, most levels a pixel moved); and end
 to end, `generate --count N` for the default path (onnxruntime, fp32, default batch and threads), its
-npy variant, torch-bf16, and the seed-style baseline (eager fp32, batch 32, one PNG saved at a time).
+npy variant, the TorchScript backend, and the seed-style baseline (eager fp32, batch 32, one PNG saved at a time).
 
 The library returns one dict (the `--json` document); `format_table` renders it for people.
 """
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import tempfile
@@ -32,7 +32,6 @@ import numpy as np
 
 from .errors import UsageError
 
-log = logging.getLogger("gantk")
 
 Runner = Callable[[np.ndarray], np.ndarray]
 Progress = Callable[[str], None]
@@ -115,7 +114,7 @@ def cpu_paths(g, files: dict[str, Path], *, threads: list[int]) -> list[Route]:
              Route("torch folded+cl", "fp32", t0, "cpu",
                    lambda bs: _torch_runner(channels_last(g, dtype="fp32"), t0), "BN folded, channels_last"),
              Route("torch-bf16", "bf16", t0, "cpu",
-                   lambda bs: _torch_runner(channels_last(g, dtype="bf16"), t0), "generate --backend torch-bf16"),
+                   lambda bs: _torch_runner(channels_last(g, dtype="bf16"), t0), "not in generate: >1 level off"),
              Route("torchscript", "fp32", t0, "cpu", lambda bs: _torchscript(files["torchscript"], t0))]
     paths += [Route("onnxruntime", "fp32", t, "cpu", ort(files["onnx"], t),
                     "generate default" if t == t0 else "") for t in threads]
@@ -166,7 +165,11 @@ def _rate(run: Runner, z: np.ndarray) -> float:
 
 
 def matmul_peaks(threads: int) -> dict[str, Callable[[], float]]:
-    """dtype -> a function timing one MATMUL_N^2 matmul (GFLOP/s); fp32 tries torch, numpy and onnxruntime."""
+    """dtype -> a function timing a MATMUL_N^2 matmul at `threads` threads (GFLOP/s, best of PEAK_CALLS calls).
+
+    fp32 takes the better of torch (MKL, which runs its AVX2 code on AMD CPUs) and onnxruntime's MLAS
+    MatMul; bf16 is torch's oneDNN. numpy is left out: its BLAS threads are not ours to set.
+    """
     import torch
 
     a = np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
@@ -186,7 +189,7 @@ def matmul_peaks(threads: int) -> dict[str, Callable[[], float]]:
         torch.set_num_threads(threads)
         return x @ x
 
-    return {"fp32": lambda: max(timed(lambda: torch_mm(ta)), timed(lambda: a @ a), timed(lambda: ort_mm(a))),
+    return {"fp32": lambda: max(timed(lambda: torch_mm(ta)), timed(lambda: ort_mm(a))),
             "bf16": lambda: timed(lambda: torch_mm(tb))}
 
 
@@ -206,7 +209,10 @@ def _ort_matmul(threads: int) -> Runner:
 def interleaved(runners: dict[tuple[int, int], Runner], noise: dict[int, np.ndarray],
                 peaks: dict[tuple[str, int], Callable[[], float]], *, repeats: int,
                 progress: Progress) -> tuple[dict, dict]:
-    """Warm up everything, then `repeats` rounds each timing every (path, batch) and every peak once."""
+    """Warm up everything, then `repeats` rounds each timing every (route, batch) and every peak once.
+
+    Routes: the median over repeats. Peaks: the best over repeats, so a neighbour's burst during one
+    matmul cannot lower the bar (a share of peak is then, if anything, understated)."""
     keys = list(runners)
     for (p, bs), run in runners.items():
         run(noise[bs])
@@ -222,7 +228,7 @@ def interleaved(runners: dict[tuple[int, int], Runner], noise: dict[int, np.ndar
             rates[key].append(_rate(runners[key], noise[key[1]]))
         for key, fn in peaks.items():
             peak[key].append(fn())
-    return ({k: float(np.median(v)) for k, v in rates.items()}, {k: float(np.median(v)) for k, v in peak.items()})
+    return ({k: float(np.median(v)) for k, v in rates.items()}, {k: float(max(v)) for k, v in peak.items()})
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -326,7 +332,7 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
            "peaks_gflops": {f"{dt}@{t}": round(v, 1) for (dt, t), v in peak.items()}, "rows": rows}
     if e2e:
         progress(f"end to end, --count {count}")
-        doc["end_to_end"] = _end_to_end_rows(g, ckpt, files["onnx"], work, count=count, threads=threads)
+        doc["end_to_end"] = _end_to_end_rows(g, files, work, count=count, threads=threads)
         doc["targets"] = targets(doc)
     return doc
 
@@ -354,14 +360,14 @@ def _rows(routes, runners, rates, peak, noise, useful, batch_sizes) -> list[dict
     return rows
 
 
-def _end_to_end_rows(g, ckpt: Path, onnx: Path, work: Path, *, count: int, threads: list[int]) -> list[dict]:
+def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threads: list[int]) -> list[dict]:
+    onnx = files["onnx"]
     rows = [seed_style_baseline(g, out=work / "e2e-baseline", count=count)]
     rows.append(end_to_end(onnx, "onnxruntime", out=work / "e2e-default", count=count))
     rows += [end_to_end(onnx, "onnxruntime", out=work / f"e2e-t{t}", count=count, threads=t)
              for t in threads[1:]]
     rows.append(end_to_end(onnx, "onnxruntime", out=work / "e2e-npy", count=count, fmt="npy"))
-    rows.append(end_to_end(ckpt, "torch-bf16", out=work / "e2e-bf16", count=count))
-    rows.append(end_to_end(ckpt, "torch-bf16", out=work / "e2e-bf16-npy", count=count, fmt="npy"))
+    rows.append(end_to_end(files["torchscript"], "torchscript", out=work / "e2e-torchscript", count=count))
     return rows
 
 
@@ -391,19 +397,20 @@ def _cpu_name() -> str:
 
 def targets(doc: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets as ratios within this run."""
-    e2e = {(r["backend"], r["format"], r["threads"]): r for r in doc["end_to_end"]}
     base = doc["end_to_end"][0]["images_per_s"]
     default = doc["end_to_end"][1]
     pure = _row(doc, "onnxruntime", "fp32", default["threads"], default["batch_size"])
     fp32 = [r for r in doc["rows"] if r["precision"] == "fp32" and r["device"] == "cpu" and r["peak_share"]]
     best = max(fp32, key=lambda r: r["images_per_s"])
-    bf16 = {fmt: next((r for k, r in e2e.items() if k[0] == "torch-bf16" and k[1] == fmt), None)
-            for fmt in ("png", "npy")}
+    low = [r for r in doc["rows"] if r["precision"] != "fp32" and r["device"] == "cpu"]
+    best_low = max(low, key=lambda r: r["images_per_s"])
     return {"default_e2e_vs_baseline": _ratio(default["images_per_s"], base),
             "default_e2e_vs_own_pure": _ratio(default["images_per_s"], pure and pure["images_per_s"]),
             "fastest_fp32": {k: best[k] for k in ("route", "threads", "batch", "images_per_s", "peak_share")},
-            "bf16_png_vs_baseline": _ratio(bf16["png"] and bf16["png"]["images_per_s"], base),
-            "bf16_npy_vs_baseline": _ratio(bf16["npy"] and bf16["npy"]["images_per_s"], base)}
+            "fastest_reduced_precision": {**{k: best_low[k] for k in ("route", "precision", "threads", "batch",
+                                                                       "max_levels_off", "pixels_off")},
+                                          "pure_vs_baseline_e2e": _ratio(best_low["images_per_s"], base),
+                                          "vs_fastest_fp32": _ratio(best_low["images_per_s"], best["images_per_s"])}}
 
 
 def _row(doc, route: str, precision: str, threads: int, batch: int) -> dict | None:
@@ -427,12 +434,12 @@ def format_table(doc: dict[str, Any]) -> str:
              f"(padded {doc['flops_per_image']['padded'] / 1e6:.1f}); medians of {doc['repeats']} interleaved repeats",
              "# matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in doc["peaks_gflops"].items()), "",
              f"{'route':<18}{'prec':<6}{'dev':<5}{'thr':>3}{'batch':>6}{'img/s':>9}{'GFLOP/s':>9}{'peak':>7}"
-             f"{'max|d|':>10}{'px off':>8}{'lvl':>4}  note"]
+             f"{'max|d|':>10}{'px off':>9}{'lvl':>4}  note"]
     for r in doc["rows"]:
         share = f"{r['peak_share']:.0%}" if r["peak_share"] is not None else "-"
         lines.append(f"{r['route']:<18}{r['precision']:<6}{r['device']:<5}{r['threads']:>3}{r['batch']:>6}"
                      f"{r['images_per_s']:>9.0f}{r['gflops']:>9.1f}{share:>7}{r['max_abs_diff']:>10.2e}"
-                     f"{r['pixels_off']:>8.2%}{r['max_levels_off']:>4}  {r['note']}")
+                     f"{r['pixels_off']:>9.3%}{r['max_levels_off']:>4}  {r['note']}")
     if "end_to_end" in doc:
         lines += ["", _e2e_header()] + [_e2e_line(r) for r in doc["end_to_end"]] + ["", _targets_text(doc["targets"])]
     return "\n".join(lines)
@@ -448,12 +455,14 @@ def _e2e_line(r: dict[str, Any]) -> str:
 
 
 def _targets_text(t: dict[str, Any]) -> str:
-    f = t["fastest_fp32"]
+    f, lo = t["fastest_fp32"], t["fastest_reduced_precision"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     return "\n".join([
         f"target default e2e >= 1.5x seed-style baseline: {fmt(t['default_e2e_vs_baseline'])}",
         f"target default e2e >= 90% of its pure inference: {fmt(t['default_e2e_vs_own_pure'])}",
         f"target fastest fp32 >= 80% of fp32 matmul peak: {f['route']} t{f['threads']} batch {f['batch']} "
         f"{f['images_per_s']:.0f} img/s = {f['peak_share']:.0%}",
-        f"target bf16 e2e >= 5x baseline (png) / 10x (npy): {fmt(t['bf16_png_vs_baseline'])} / "
-        f"{fmt(t['bf16_npy_vs_baseline'])}"])
+        f"target reduced precision >= 5x baseline, every pixel within one level: {lo['route']} {lo['precision']} "
+        f"pure inference {fmt(lo['pure_vs_baseline_e2e'])} the baseline's end to end "
+        f"({fmt(lo['vs_fastest_fp32'])} the fastest fp32), up to {lo['max_levels_off']} levels off, "
+        f"{lo['pixels_off']:.1%} of pixels moved"])
