@@ -293,11 +293,16 @@ def bench(*, model: Path | None = None, checkpoint: Path | None = None, runs_dir
 
     progress = progress or (lambda msg: None)
     _check(batch_sizes=batch_sizes, repeats=repeats, count=count, threads=threads)
-    threads = tuple(threads or sorted({default_threads(), os.cpu_count() or 1}))
+    threads = tuple(threads or _thread_counts(default_threads()))
     ckpt, onnx = resolve_inputs(model=model, checkpoint=checkpoint, runs_dir=runs_dir)
     with tempfile.TemporaryDirectory(prefix="gantk-bench-") as tmp:
         return _measure(ckpt, onnx, Path(tmp), batch_sizes=batch_sizes, repeats=repeats, count=count,
                         threads=list(threads), e2e=e2e, progress=progress)
+
+
+def _thread_counts(default: int) -> tuple[int, ...]:
+    """generate's default first (the torch routes and the default row run at it), then 1 and all cores."""
+    return (default, *sorted({1, os.cpu_count() or 1} - {default}))
 
 
 def _check(*, batch_sizes, repeats, count, threads) -> None:

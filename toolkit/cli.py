@@ -502,7 +502,8 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
 @click.option("--batch-sizes", default="1,64,256", show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved repeats (medians).")
 @click.option("--count", type=int, default=10000, show_default=True, help="Images for the end-to-end runs.")
-@click.option("--threads", default=None, help="CPU thread counts, e.g. 1,2 [default: generate's default and all cores].")
+@click.option("--threads", default=None,
+              help="CPU thread counts, e.g. 2,1 [default: generate's default, 1, all cores]; torch routes use the first.")
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end generate runs.")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
