@@ -55,17 +55,18 @@ class Backend:
 
 
 def default_threads() -> int:
-    """onnxruntime/torch intra-op threads: every core on a 2-core machine, else leave one to the PNG writers.
+    """onnxruntime/torch intra-op threads: one on a machine of at most 2 cores, else leave one core to the
+    PNG writers (at most 4).
 
-    Measured with `gantk bench` on the shared 2-core CPU, generate --count 10000 to PNGs with 1 vs 2
-    intra-op threads, two interleaved runs per model: trained MNIST dcgan 2639 vs 2626 and 2880 vs 2852
-    img/s (even); seed 1345 vs 1567 and 1462 vs 1766 (2 threads 16-21% faster). Two threads were never
-    materially slower end to end, though pure inference alone was often as fast on one (the machine's
-    other jobs hold the second core). Batch size hardly moves onnxruntime on the CPU (4576/4556/4530
-    img/s at 1/64/256 on the dcgan), so generate keeps 256; the torch routes peak near 64 (FIXED_BATCH).
+    Measured on the quiet 2-core dev CPU with benchmarks/bench_generate.py, generate --count 10000 to
+    PNGs with 2 writer threads, 1 vs 2 intra-op threads (2026-11-27): trained MNIST dcgan 4198 vs 4109
+    img/s end to end (pure inference 4548 vs 5493), seed arch 1533 vs 1389 (pure 1787 vs 3405). The
+    second thread speeds up inference alone but takes the core the writers need. Batch size hardly
+    moves onnxruntime on the CPU (4576/4556/4530 img/s at 1/64/256 on the dcgan), so generate keeps
+    256; the torch routes peak near 64 (FIXED_BATCH).
     """
     cores = os.cpu_count() or 1
-    return cores if cores <= 2 else min(4, cores - 1)
+    return 1 if cores <= 2 else min(4, cores - 1)
 
 
 def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_size: int = 256,
