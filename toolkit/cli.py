@@ -28,7 +28,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
         level = logging.ERROR
-    logging.basicConfig(level=level, format="gantk: %(message)s", stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gantk: %(message)s"))
+    log.handlers[:] = [handler]  # gantk's own records only: the exporters' libraries log a lot at INFO
+    log.setLevel(level)
+    log.propagate = False
 
 
 def handle_errors(fn: Callable) -> Callable:
