@@ -68,8 +68,10 @@ def fixed_noise(latent_shape: tuple[int, ...], *, count: int = max(BATCH_SIZES))
 
 
 def to_pixels(x: np.ndarray) -> np.ndarray:
-    x = np.nan_to_num(x.astype(np.float64), nan=-1.0)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """The pixels `gantk generate` writes, (N, 32, 32) uint8."""
+    from ..generate import to_pixels as pixels
+
+    return pixels(x)
 
 
 def eager(generator, z: np.ndarray) -> np.ndarray:

@@ -194,6 +194,27 @@ def test_file_gantk_did_not_write_is_never_overwritten(exported, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["000003.png"]
 
 
+def test_overwrite_keeps_files_no_manifest_vouches_for(exported, tmp_path):
+    out = tmp_path / "d"
+    gen(exported["onnx"], out, "--count", "6")
+    (out / "000002.png").write_bytes(b"edited by hand")      # was gantk's, no longer its bytes
+    (out / "000008.png").write_bytes(b"a user's picture")    # never gantk's, inside the new range
+    r = gen(exported["onnx"], out, "--count", "10", "--seed", "1", "--overwrite", code=2)
+    assert "not written by gantk" in r.stderr
+    assert (out / "000002.png").read_bytes() == b"edited by hand"
+    assert (out / "000008.png").read_bytes() == b"a user's picture"
+
+
+@pytest.mark.parametrize("name", ["summary.json", "grid.png"])
+def test_a_fresh_folder_with_gantk_file_names_is_refused(exported, tmp_path, name):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / name).write_text("the user's")
+    r = gen(exported["onnx"], out, "--count", "4", "--grid", code=2)
+    assert name in r.stderr and (out / name).read_text() == "the user's"
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
 # ------------------------------------------------------------------------------------------ parity
 
 

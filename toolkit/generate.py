@@ -95,8 +95,9 @@ def noise(seed: int, indices, latent_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def to_pixels(x: np.ndarray) -> np.ndarray:
-    """(N,1,32,32) in [-1,1] -> uint8 (N,32,32): round((x + 1) * 127.5), clipped."""
-    return np.clip(np.rint((x[:, 0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """(N,1,32,32) in [-1,1] -> uint8 (N,32,32): round((x + 1) * 127.5) in float64, clipped; NaN -> 0."""
+    x = np.nan_to_num(np.asarray(x, np.float64)[:, 0], nan=-1.0)
+    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def encode_png(px: np.ndarray) -> bytes:
@@ -203,7 +204,7 @@ class Folder:
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
     claimed: bool = False       # a manifest of this identity existed when the run started
     writer: bool = True         # under torchrun only rank 0 writes the manifest
-    _last_flush: float = 0.0
+    _next_flush: float = 0.0
 
     def to_bytes(self) -> bytes:
         rows = [json.dumps({"index": i, **self.files[i]}, sort_keys=True) for i in sorted(self.files)]
@@ -215,13 +216,15 @@ class Folder:
         """Write manifest.json if its bytes changed; False when nothing needed writing."""
         from .checkpoint import atomic_write_bytes
 
-        if not self.writer or (not force and time.monotonic() - self._last_flush < FLUSH_SECONDS):
+        if not self.writer or (not force and time.monotonic() < self._next_flush):
             return False
-        self._last_flush = time.monotonic()
+        started = time.monotonic()
         data, path = self.to_bytes(), self.path / MANIFEST
         if path.is_file() and path.read_bytes() == data:
             return False
         atomic_write_bytes(path, data)
+        cost = time.monotonic() - started  # a huge manifest is flushed less often, never >10% of the time
+        self._next_flush = time.monotonic() + max(FLUSH_SECONDS, 10 * cost)
         return True
 
 
@@ -258,19 +261,35 @@ def _differs(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {str(old.get(k))[:16]} vs {str(new.get(k))[:16]}" for k in keys)
 
 
-def plan_pngs(folder: Folder, indices: range) -> tuple[list[int], int]:
-    """Indices still to write, and how many are already there with their recorded hash."""
+def plan_pngs(folder: Folder, indices: range, replaced: dict | None = None) -> tuple[list[int], int]:
+    """Indices still to write, and how many are already there with their recorded hash.
+
+    A file on disk that no manifest vouches for is refused, unless the folder is this identity's (then
+    it is a crash's leftover, regenerated and compared). Under --overwrite only the old identity's files
+    whose bytes are still gantk's may go."""
+    old = {e["file"]: e["sha256"] for e in (replaced or {}).get("files", [])}
     todo, kept = [], 0
     for i in indices:
         entry = folder.files.get(i)
         path = folder.path / file_name(i)
         if entry and entry["file"] == path.name and _sha256_file(path) == entry["sha256"]:
             kept += 1
-        elif entry is None and path.exists() and not folder.claimed:
+        elif entry is None and path.exists() and (not folder.claimed or replaced is not None) \
+                and old.get(path.name) != _sha256_file(path):
             raise UsageError(f"{path} exists and was not written by gantk; move it away or choose another --out")
         else:
             todo.append(i)
     return todo, kept
+
+
+def _refuse_foreign(folder: Folder, names: list[str]) -> None:
+    """A folder gantk has not claimed: its own summary/grid/array names must not already be taken."""
+    if folder.claimed:
+        return
+    for name in names:
+        if (folder.path / name).exists():
+            raise UsageError(f"{folder.path / name} exists and was not written by gantk; move it away or "
+                             f"choose another --out")
 
 
 def _drop_replaced(out: Path, old: dict | None) -> int:
@@ -441,11 +460,15 @@ def _settle_after_failure(pending: collections.deque, folder: Folder, pool: Thre
     folder.flush()
 
 
+def npy_name(req: Request) -> str:
+    first = req.indices()[0]
+    name = f"images-{first:0{NAME_WIDTH}d}-{req.stop:0{NAME_WIDTH}d}"
+    return name + (f"-shard{req.shard[0]}of{req.shard[1]}.npy" if req.shard[1] > 1 else ".npy")
+
+
 def write_npy(backend, req: Request, folder: Folder, progress: Progress) -> dict[str, Any]:
     """One uint8 (N, 32, 32) array for this run's indices; rewritten only when its bytes would differ."""
-    idx = list(req.indices())
-    name = f"images-{idx[0]:0{NAME_WIDTH}d}-{req.stop:0{NAME_WIDTH}d}"
-    name += f"-shard{req.shard[0]}of{req.shard[1]}.npy" if req.shard[1] > 1 else ".npy"
+    idx, name = list(req.indices()), npy_name(req)
     path, entry = folder.path / name, folder.arrays.get(name)
     if entry and _sha256_file(path) == entry["sha256"]:
         return {"written": 0, "unchanged": len(idx), "generated": 0, "file": name}
@@ -502,6 +525,9 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
     if world.active:
         if req.shard != (0, 1):
             raise UsageError("under torchrun every rank takes its own shard (rank/world size); drop --shard")
+        if req.grid and req.fmt == "npy":
+            raise UsageError("--grid with --format npy under torchrun: each rank's array holds every n-th "
+                             "image; draw the grid from a single-process run")
         req = dataclasses.replace(req, shard=(world.rank, world.size))
     created = distributed.init(world, "cpu")
     try:
@@ -522,7 +548,10 @@ def _generate(req, model, backend, provider, threads, progress, world) -> dict[s
                 "latent_shape": list(be.latent_shape)}
     folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
     folder.writer = world.main
-    todo, kept = plan_pngs(folder, req.indices()) if req.fmt == "png" and out.is_dir() else (list(req.indices()), 0)
+    if out.is_dir():
+        _refuse_foreign(folder, [SUMMARY, GRID, npy_name(req)])
+    todo, kept = plan_pngs(folder, req.indices(), replaced) if req.fmt == "png" and out.is_dir() \
+        else (list(req.indices()), 0)
     parity = parity_check(be, req)
     return _write(be, req, folder, replaced, todo, kept, parity, progress, world)
 
