@@ -210,6 +210,28 @@ def test_eval_every_without_a_classifier_is_exit_2(tmp_path):
     assert r.exit_code == 2 and "classifier" in r.stderr
 
 
+def test_resume_continues_into_a_new_run_folder_and_keeps_the_recipe(tmp_path, trained_run):
+    r = run_cli("train", "--resume", str(trained_run), "--run", "fork", "--runs-dir", str(tmp_path),
+                "--epochs", "2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["steps"] == 8 and (tmp_path / "fork" / "config.json").exists()
+    assert ckpt.load(tmp_path / "fork" / "checkpoints" / "last.pt")["step"] == 8
+    r = run_cli("train", "--resume", str(trained_run), "--lr", "1e-3", "--runs-dir", str(tmp_path))
+    assert r.exit_code == 2 and "lr_g" in r.stderr
+
+
+def test_a_generated_folder_loads_the_digits_its_manifest_lists(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(tmp_path / f"{i:06d}.png")
+    Image.fromarray(np.zeros((100, 300), np.uint8)).save(tmp_path / "grid.png")
+    rows = [{"index": i, "file": f"{i:06d}.png", "sha256": ""} for i in range(3)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "gantk-generate-manifest", "files": rows}))
+    d = data.load(str(tmp_path))
+    assert len(d) == 3 and [int(im[0, 0]) for im in d.images] == [0, 40, 80]
+
+
 def test_checkpoints_are_tensors_and_plain_values(trained_run):
     state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
     assert state["kind"] == "gantk-checkpoint" and isinstance(state["config"], dict)
@@ -295,6 +317,7 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig
     (["--amp"], "--amp needs CUDA"),
     (["--batch-size", "0"], "batch-size must be at least 1"),
     (["--label-smoothing", "0.2"], "label-smoothing"),
+    (["--data-count", "-5"], "data-count must be at least 1"),
 ])
 def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):
     if "--device" in args and torch.cuda.is_available():

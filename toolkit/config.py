@@ -50,6 +50,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.data_count is not None and self.data_count < 1:
+            raise UsageError(f"data-count must be at least 1, got {self.data_count}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UsageError(f"max-steps must be at least 1, got {self.max_steps}")
         if self.eval_every < 0 or self.eval_count < 1:

@@ -35,6 +35,8 @@ def default_cache() -> Path:
 
 def load(spec: str, *, seed: int = 0, count: int | None = None) -> Digits:
     """Load `spec`: 'mnist', 'synthetic', or a path. `count` caps the images (synthetic: how many)."""
+    if count is not None and count < 1:
+        raise DataError(f"count must be at least 1, got {count}")
     if spec == "mnist":
         digits = load_mnist()
     elif spec == "synthetic":
@@ -168,7 +170,8 @@ def _as_uint8(a: np.ndarray, path: Path) -> np.ndarray:
 def _load_folder(path: Path) -> Digits:
     from PIL import Image, UnidentifiedImageError
 
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = _generated_files(path) or sorted(p for p in path.rglob("*")
+                                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     images, labels = [], []
@@ -184,6 +187,19 @@ def _load_folder(path: Path) -> Digits:
         labels.append(int(f.parent.name) if f.parent != path and f.parent.name.isdigit() else -1)
     lab = np.array(labels, np.int64)
     return Digits(np.stack(images), None if (lab < 0).any() else lab, str(path))
+
+
+def _generated_files(path: Path) -> list[Path]:
+    """The digits a `gantk generate` folder's manifest lists (so its grid.png is not taken for one)."""
+    import json
+
+    try:
+        doc = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(doc, dict) or doc.get("kind") != "gantk-generate-manifest":
+        return []
+    return [path / row["file"] for row in sorted(doc.get("files", []), key=lambda r: r["index"])]
 
 
 def _resize(images: np.ndarray) -> np.ndarray:

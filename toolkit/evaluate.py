@@ -23,7 +23,7 @@ import numpy as np
 
 from . import metrics as M
 from .classifier import FEATURE_DIM, Classifier
-from .errors import CheckpointError, DataError, UsageError
+from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 

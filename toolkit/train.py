@@ -7,6 +7,7 @@ Progress goes to an optional callback; nothing is printed.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -90,6 +91,7 @@ class Trainer:
         self.g_run, self.d_run = self._parallel(self.g), self._parallel(self.d)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.elapsed = 0.0
+        self.images_seen = 0
         self.best_fid = float("inf")
         self.meter = _Meter()
         self.last_figures: dict[str, float] = {}
@@ -149,6 +151,7 @@ class Trainer:
             raise DivergedError(f"training diverged at step {self.step + 1}: loss_d={figures[0]}, "
                                 f"loss_g={figures[1]}; the last good checkpoint is kept")
         self.step += 1
+        self.images_seen += n * self.world.size
         self.last_figures = dict(zip(("loss_d", "loss_g", "d_x", "d_g_z"), figures))
         return {**self.last_figures, "stop": figures[4] > 0}
 
@@ -167,7 +170,7 @@ class Trainer:
             "format": ckpt.FORMAT, "kind": ckpt.KIND, "versions": ckpt.versions(),
             "config": self.config.to_dict(), "latent_shape": list(self.g.latent_shape),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "images_seen": self.step * self.config.batch_size, "elapsed_s": self.elapsed,
+            "images_seen": self.images_seen, "elapsed_s": self.elapsed,
             "best_fid": self.best_fid, "world_size": self.world.size,
             "rank_checksums": rank_checksums or [self.checksum()],
             "generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
@@ -208,6 +211,7 @@ class Trainer:
                         "first %d images", saved_world, self.world.size, saved_world * self.config.batch_size,
                         self.world.size * self.config.batch_size, seen)
         self.elapsed = float(s.get("elapsed_s", 0.0))
+        self.images_seen = int(s.get("images_seen", self.step * self.config.batch_size))
         self.best_fid = float(s.get("best_fid", float("inf")))
         self.meter.load_state_dict(s["meter"])
 
@@ -286,10 +290,13 @@ class RunFolder:
         self.last = self.checkpoints / "last.pt"
         self.best = self.checkpoints / "best.pt"
 
-    def create(self, config: TrainConfig) -> None:
+    def create(self, config: TrainConfig, *, continuing: bool = False) -> None:
+        """A new run folder; `continuing`: for a resume from a checkpoint kept elsewhere."""
         if self.root.exists() and any(self.root.iterdir()):
             raise UsageError(f"run folder {self.root} already exists and is not empty; "
                              "use --resume auto to continue it, or another --run name")
+        if continuing:
+            log.warning("continuing in the new run folder %s: its metrics.csv starts at the resumed step", self.root)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.samples.mkdir(exist_ok=True)
         ckpt.atomic_write_bytes(self.root / "config.json", json.dumps(config.to_dict(), indent=2).encode())
@@ -301,8 +308,11 @@ class RunFolder:
         rows = self.read_metrics()
         keep = [r for r in rows if int(r["step"]) <= step]
         if len(keep) != len(rows) or not self.metrics.exists():
-            lines = [",".join(METRICS)] + [",".join(str(r.get(k) or "") for k in METRICS) for r in keep]
-            ckpt.atomic_write_bytes(self.metrics, ("\n".join(lines) + "\n").encode())
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, METRICS, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(keep)
+            ckpt.atomic_write_bytes(self.metrics, buf.getvalue().encode())
 
     def read_metrics(self) -> list[dict[str, str]]:
         if not self.metrics.exists():
@@ -365,8 +375,14 @@ def new_run_dir(runs_dir: Path, config: TrainConfig) -> Path:
     return runs_dir / f"{max(taken, default=-1) + 1:05d}-{config.arch}-{data_name}"
 
 
+# What a resume may change: the length of training and its bookkeeping, never the maths of a step.
+RESUMABLE = {"epochs", "max_steps", "device", "workers", "checkpoint_every", "keep", "log_every", "sample_every",
+             "eval_every", "eval_count", "classifier"}
+
+
 def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = Path("runs"),
-          resume: Path | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          resume: Path | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
+          given: set[str] | None = None) -> dict[str, Any]:
     """Train (or resume) one run; returns a summary. Raises Interrupted after a clean save on a signal.
 
     Under torchrun every rank calls this: DDP over NCCL (CUDA) or Gloo (CPU), `batch_size` per rank,
@@ -375,9 +391,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     state = None
     if resume is not None:
         state = ckpt.load(resume)
-        stored = TrainConfig.from_dict(state["config"])
-        config = stored.replace(epochs=config.epochs, max_steps=config.max_steps, device=config.device,
-                                workers=config.workers)
+        config = _resumed_config(TrainConfig.from_dict(state["config"]), config, given)
         run_dir = run_dir or (resume.parent.parent if resume.parent.name == "checkpoints" else None)
         if run_dir is None:
             raise UsageError(f"{resume} is not inside a run folder; pass --run to say where to continue")
@@ -396,6 +410,17 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
         distributed.shutdown(created)
 
 
+def _resumed_config(stored: TrainConfig, asked: TrainConfig, given: set[str] | None) -> TrainConfig:
+    """The checkpoint's config, with the options the caller gave that a resume may change.
+    `given=None` (a library call): length and placement of training from `asked`."""
+    given = {"epochs", "max_steps", "device", "workers"} if given is None else given
+    refused = sorted(k for k in given - RESUMABLE if getattr(asked, k) != getattr(stored, k))
+    if refused:
+        raise UsageError(f"a resume keeps the run's own {', '.join(refused)} (exact resume); "
+                         f"start a new run to change {'them' if len(refused) > 1 else 'it'}")
+    return stored.replace(**{k: getattr(asked, k) for k in given & RESUMABLE})
+
+
 def _train(config: TrainConfig, world: distributed.World, device: torch.device, state: dict | None,
            run_dir: Path | None, runs_dir: Path, progress: Callable | None) -> dict[str, Any]:
     digits = data_mod.load(config.data, seed=config.seed, count=config.data_count)
@@ -406,10 +431,10 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device, 
     trainer = Trainer(config, device, world)
     if state is not None:
         trainer.load_state_dict(state)
+    evaluator = _Evaluator(config, digits) if config.eval_every and world.main else None
     run = RunFolder(distributed.on_main(world, lambda: _prepare_run(config, run_dir, runs_dir, trainer.step)))
     if state is not None:
         log.info("resumed %s at step %d (epoch %d)", run.root, trainer.step, trainer.epoch)
-    evaluator = _Evaluator(config, digits) if config.eval_every and world.main else None
     images = data_mod.to_tensor(digits.images)
     # the last step of the last epoch (counted from where a resume stands, as the world size may differ)
     final = trainer.step + (config.epochs - trainer.epoch) * steps_per_epoch - trainer.batch_in_epoch
@@ -432,10 +457,10 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device, 
 def _prepare_run(config: TrainConfig, run_dir: Path | None, runs_dir: Path, step: int) -> Path:
     """Rank 0: create a new run folder, or trim a resumed one's metrics to its checkpoint."""
     run = RunFolder(run_dir or new_run_dir(runs_dir, config))
-    if step:
+    if step and (run.root / "config.json").exists():
         run.truncate_metrics(step)
     else:
-        run.create(config)
+        run.create(config, continuing=bool(step))
     return run.root
 
 
