@@ -376,8 +376,10 @@ def new_run_dir(runs_dir: Path, config: TrainConfig) -> Path:
 
 
 # What a resume may change: the length of training and its bookkeeping, never the maths of a step.
-RESUMABLE = {"epochs", "max_steps", "device", "workers", "checkpoint_every", "keep", "log_every", "sample_every",
-             "eval_every", "eval_count", "classifier"}
+# The per-invocation ones (a stop point, the machine) are always this call's, given or not.
+PER_INVOCATION = {"max_steps", "device", "workers"}
+RESUMABLE = PER_INVOCATION | {"epochs", "checkpoint_every", "keep", "log_every", "sample_every", "eval_every",
+                              "eval_count", "classifier"}
 
 
 def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = Path("runs"),
@@ -413,12 +415,12 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
 def _resumed_config(stored: TrainConfig, asked: TrainConfig, given: set[str] | None) -> TrainConfig:
     """The checkpoint's config, with the options the caller gave that a resume may change.
     `given=None` (a library call): length and placement of training from `asked`."""
-    given = {"epochs", "max_steps", "device", "workers"} if given is None else given
+    given = {"epochs"} if given is None else given
     refused = sorted(k for k in given - RESUMABLE if getattr(asked, k) != getattr(stored, k))
     if refused:
         raise UsageError(f"a resume keeps the run's own {', '.join(refused)} (exact resume); "
                          f"start a new run to change {'them' if len(refused) > 1 else 'it'}")
-    return stored.replace(**{k: getattr(asked, k) for k in given & RESUMABLE})
+    return stored.replace(**{k: getattr(asked, k) for k in (given & RESUMABLE) | PER_INVOCATION})
 
 
 def _train(config: TrainConfig, world: distributed.World, device: torch.device, state: dict | None,
