@@ -52,7 +52,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if kind == "checkpoint":
         raise CheckpointError(f"{path}: a torch checkpoint, not a gantk export")
     meta = _torchscript_metadata(path) if kind == "torchscript" else _onnx_metadata(path)
-    _check(meta, path)
+    check(meta, path)
     return meta
 
 
@@ -90,7 +90,8 @@ def _onnx_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _check(meta: dict[str, str], path: Path) -> None:
+def check(meta: dict[str, str], path: Path) -> None:
+    """CheckpointError naming `path` unless `meta` is gantk export metadata this version can read."""
     if meta.get("kind") != KIND:
         raise CheckpointError(f"{path}: not a gantk export (no kind={KIND!r} in its metadata)")
     missing = [k for k in META_KEYS if k not in meta]

@@ -289,7 +289,7 @@ def test_non_gantk_models_exit_2(exported, tmp_path):
     del model.metadata_props[:]
     bare = tmp_path / "bare.onnx"
     onnx.save(model, str(bare))
-    assert "not a gantk generator export" in gen(bare, tmp_path / "o", "--count", "3", code=2).stderr
+    assert "not a gantk export" in gen(bare, tmp_path / "o", "--count", "3", code=2).stderr
     assert "not a loadable TorchScript" in gen(junk, tmp_path / "o", "--backend", "torchscript", code=2).stderr
     assert "model not found" in gen(tmp_path / "nope.onnx", tmp_path / "o", code=2).stderr
     assert not (tmp_path / "o").exists()

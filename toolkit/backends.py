@@ -89,10 +89,9 @@ def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_s
 
 def check_metadata(meta: dict[str, str], path: Path) -> dict[str, Any]:
     """Validate gantk's export metadata (all values strings) and return it with latent_shape parsed."""
-    if meta.get("kind") != "gantk-generator" or "gantk_format" not in meta:
-        raise CheckpointError(f"{path}: not a gantk generator export (no gantk metadata)")
-    if int(meta["gantk_format"]) > 1:
-        raise CheckpointError(f"{path}: export format {meta['gantk_format']} is newer than this gantk (1)")
+    from .exporters import check
+
+    check(meta, path)
     try:
         latent = tuple(int(v) for v in json.loads(meta["latent_shape"]))
     except (KeyError, ValueError, TypeError):
