@@ -166,24 +166,15 @@ def staged(out: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def commit(tmp: Path, out: Path) -> None:
     """fsync the validated temp file and move it onto `out` atomically."""
+    from gantk.checkpoint import file_mode, fsync_dir
+
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.chmod(tmp, _file_mode())  # mkstemp made it 0600; an export is an ordinary file
+    os.chmod(tmp, file_mode())  # mkstemp made it 0600; an export is an ordinary file
     os.replace(tmp, out)
-    with contextlib.suppress(OSError):
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    fsync_dir(out.parent)

@@ -27,13 +27,18 @@ def atomic_write(path: Path, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would surprise a user
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the current umask (mkstemp's 0600 would surprise a user)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:
@@ -46,7 +51,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -65,22 +70,29 @@ def save(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load(path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
-    """Load a gantk checkpoint with weights_only=True; CheckpointError naming the path otherwise."""
+def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missing: str = "checkpoint not found",
+                      map_location: str = "cpu") -> Any:
+    """`torch.load(weights_only=True)`, never a fallback; CheckpointError naming the path otherwise."""
     import torch
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{missing}: {path}")
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":
-            raise CheckpointError(f"{path}: not a gantk checkpoint (not a PyTorch zip archive)")
+            raise CheckpointError(f"{path}: not a readable {what} (not a PyTorch zip archive)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle refused by weights_only, not a torch file...
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         reason = next((ln for ln in lines if "Unpickler error" in ln), lines[0])
-        raise CheckpointError(f"{path}: not a readable gantk checkpoint ({reason[:160]})") from None
+        raise CheckpointError(f"{path}: not a readable {what} ({reason[:160]})") from None
+
+
+def load(path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
+    """Load a gantk checkpoint with weights_only=True; CheckpointError naming the path otherwise."""
+    path = Path(path)
+    state = read_weights_only(path, map_location=map_location)
     if not isinstance(state, dict) or state.get("kind") != KIND:
         raise CheckpointError(f"{path}: not a gantk checkpoint (no '{KIND}' marker)")
     if state.get("format", 0) > FORMAT:

@@ -254,13 +254,8 @@ def load(path: str | Path) -> Classifier:
 
 
 def _read(path: Path) -> Any:
-    import torch
+    from . import checkpoint
 
     if not path.is_file():
         raise CheckpointError(f"classifier not found: {path} (train one with `gantk classifier train`)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or a pickle weights_only refuses
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        reason = next((ln for ln in lines if "Unpickler error" in ln), lines[0])
-        raise CheckpointError(f"{path}: not a readable classifier checkpoint ({reason[:160]})") from None
+    return checkpoint.read_weights_only(path, what="classifier checkpoint")
