@@ -26,6 +26,10 @@ def torchrun(cwd: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProce
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "gantk", "--", *args]
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0 and "terminate called without an active exception" in p.stderr:
+        # Seen once in ~20 runs on a heavily loaded machine, never reproduced: a worker aborting in
+        # Gloo's C++ threads. One more try, so that only a repeatable failure fails the test.
+        p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
