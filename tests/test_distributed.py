@@ -4,6 +4,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,10 @@ def torchrun(cwd: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProce
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if p.returncode != 0 and "terminate called without an active exception" in p.stderr:
         # Seen once in ~20 runs on a heavily loaded machine, never reproduced: a worker aborting in
-        # Gloo's C++ threads. One more try, so that only a repeatable failure fails the test.
+        # Gloo's C++ threads. One more try, so that only a repeatable failure fails the test (a new
+        # run's folder goes first; a resume or a generate simply continues).
+        if "--run" in args and "--resume" not in args:
+            shutil.rmtree(cwd / "runs" / args[args.index("--run") + 1], ignore_errors=True)
         p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
