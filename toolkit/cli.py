@@ -110,7 +110,8 @@ def cli(debug: bool) -> None:
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the sampling generator, 0 for none [default: 0.999].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp", is_flag=True, help="Mixed precision (float16 autocast, CUDA only).")
+@click.option("--amp", is_flag=True, help="Mixed precision: float16 autocast and a gradient scaler on CUDA, "
+              "bfloat16 autocast on the CPU (1.4x here; see BENCHMARKS.md for its quality).")
 @click.option("--sync-bn", is_flag=True, help="Under torchrun: SyncBatchNorm across ranks (CUDA only) "
               "[default: off, each rank normalises its own batch].")
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loader worker processes.")

@@ -86,7 +86,7 @@ class Trainer:
         betas = (config.beta1, config.beta2)
         self.opt_g = torch.optim.Adam(self.g.parameters(), config.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.d.parameters(), config.lr_d, betas=betas)
-        self.scaler = torch.amp.GradScaler("cuda") if config.amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
         self.noise = torch.Generator(device)
         self.g_run, self.d_run = self._parallel(self.g), self._parallel(self.d)
         self.step = self.epoch = self.batch_in_epoch = 0
@@ -104,6 +104,10 @@ class Trainer:
             module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def _autocast(self):
+        """Mixed precision: float16 with the gradient scaler on CUDA, bfloat16 (no scaler needed) on the CPU."""
+        return torch.autocast(self.device.type, torch.float16 if self.device.type == "cuda" else torch.bfloat16)
 
     def noise_seed(self) -> int:
         """Noise of a step is a function of (seed, rank, step): a resume needs no generator state."""
@@ -126,7 +130,7 @@ class Trainer:
         cfg, n = self.config, x.shape[0]
         self.noise.manual_seed(self.noise_seed())
         z = torch.randn((n, *self.g.latent_shape), generator=self.noise, device=self.device)
-        autocast = torch.autocast("cuda", torch.float16) if cfg.amp else nullcontext()
+        autocast = self._autocast() if cfg.amp else nullcontext()
         with autocast:
             fake = self.g_run(z)
             d_real, d_fake = self.d_run(x), self.d_run(fake.detach())
@@ -398,8 +402,6 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
         if run_dir is None:
             raise UsageError(f"{resume} is not inside a run folder; pass --run to say where to continue")
     device = resolve_device(config.device)
-    if config.amp and device.type != "cuda":
-        raise UsageError("--amp needs CUDA (it trains in float16 autocast with a gradient scaler)")
     if config.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
     created = distributed.init(world, device.type)
