@@ -334,9 +334,11 @@ class RunFolder:
     def save_grid(self, images: torch.Tensor, name: str) -> Path:
         from torchvision.utils import make_grid
 
-        grid = make_grid(images.float().cpu().add(1).mul(127.5).round().clamp(0, 255), nrow=10, padding=2)
+        from .generate import to_pixels
+
+        pixels = torch.from_numpy(to_pixels(images.float().cpu().numpy())).unsqueeze(1)  # what export writes
         path = self.samples / name
-        _save_png(grid[0].to(torch.uint8).numpy(), path)
+        _save_png(make_grid(pixels, nrow=10, padding=2)[0].numpy(), path)
         return path
 
     def plot(self) -> None:
@@ -540,13 +542,14 @@ class _Evaluator:
 
     def __call__(self, t: Trainer, run: RunFolder) -> dict[str, float]:
         from .evaluate import score
+        from .generate import to_pixels
 
         z = fixed_noise(t.g.latent_shape, self.seed + 2, self.count).to(t.device)
         with torch.no_grad():
             x = torch.cat([t.sampler.eval()(chunk) for chunk in z.split(500)]).float().cpu()
         if t.ema is None:
             t.g.train()
-        pixels = x[:, 0].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        pixels = to_pixels(x.numpy())
         m = score(pixels, classifier=self.classifier, reference=self.reference, seed=self.seed)
         if m["fid"] < t.best_fid:
             t.best_fid = m["fid"]
