@@ -40,14 +40,19 @@ def weights_equal(a: dict, b: dict) -> bool:
 # ------------------------------------------------------------------ models
 
 
+def layer_shapes(net: torch.nn.Sequential, x: torch.Tensor, kinds: tuple) -> list[tuple]:
+    """The output shape (batch dropped) after every layer of one of `kinds`."""
+    shapes = []
+    for layer in net:
+        x = layer(x)
+        if isinstance(layer, kinds):
+            shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
 def test_seed_generator_layer_shapes():
     g = models.seed_generator()
-    x = torch.zeros(2, 1, 6, 6)
-    shapes = []
-    for layer in g.net:
-        x = layer(x)
-        if isinstance(layer, torch.nn.ConvTranspose2d):
-            shapes.append(tuple(x.shape[1:]))
+    shapes = layer_shapes(g.net, torch.zeros(2, 1, 6, 6), (torch.nn.ConvTranspose2d,))
     assert shapes == [(128, 10, 10), (64, 14, 14), (32, 18, 18), (16, 22, 22), (8, 26, 26), (4, 30, 30), (1, 32, 32)]
     assert isinstance(g.net[-1], torch.nn.Tanh)
     assert all(m.stride == (1, 1) for m in g.modules() if isinstance(m, torch.nn.ConvTranspose2d))
@@ -55,12 +60,7 @@ def test_seed_generator_layer_shapes():
 
 def test_seed_discriminator_is_lenet5():
     d = models.seed_discriminator()
-    x = torch.zeros(2, 1, 32, 32)
-    shapes = []
-    for layer in d.net:
-        x = layer(x)
-        if isinstance(layer, (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.Linear)):
-            shapes.append(tuple(x.shape[1:]))
+    shapes = layer_shapes(d.net, torch.zeros(2, 1, 32, 32), (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.Linear))
     assert shapes == [(6, 28, 28), (6, 14, 14), (16, 10, 10), (16, 5, 5), (120,), (84,), (1,)]
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules()) == 2
 
