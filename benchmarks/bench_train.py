@@ -3,7 +3,7 @@
 Interleaved repeats in one run (the machines are shared and noisy); prints a table and the ratio.
 gantk's run includes everything it does: data loader, metrics rows, checkpoints, sample grids, plot.
 
-    .venv/bin/python benchmarks/bench_train.py [--data PATH] [--arch dcgan] [--epochs 1] [--repeats 2]
+    .venv/bin/python benchmarks/bench_train.py [--data PATH] [--arch dcgan] [--epochs 1] [--repeats 2] [--device cuda]
 """
 from __future__ import annotations
 
@@ -24,19 +24,22 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "t10
 
 
 def bare_loop(cfg: TrainConfig, images: torch.Tensor, steps: int) -> float:
-    """The recipe with nothing around it: returns seconds for `steps` steps."""
+    """The recipe with nothing around it, data already on the device: returns seconds for `steps` steps."""
     torch.manual_seed(cfg.seed)
+    dev = images.device
     g, d = models.build(cfg.arch, spectral_norm=cfg.spectral_norm)
+    g, d = g.to(dev), d.to(dev)
     ema = models.ema_copy(g)
     og = torch.optim.Adam(g.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     od = torch.optim.Adam(d.parameters(), cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     b = cfg.batch_size
-    real_t, fake_t, ones = torch.full((b,), cfg.label_smoothing), torch.zeros(b), torch.ones(b)
+    real_t = torch.full((b,), cfg.label_smoothing, device=dev)
+    fake_t, ones = torch.zeros(b, device=dev), torch.ones(b, device=dev)
     start = time.perf_counter()
-    perm = torch.randperm(len(images))
+    perm = torch.randperm(len(images), device=dev)
     for i in range(steps):
         x = images[perm[(i * b) % (len(images) - b):][:b]]
-        fake = g(torch.randn(b, *g.latent_shape))
+        fake = g(torch.randn(b, *g.latent_shape, device=dev))
         loss_d = F.binary_cross_entropy_with_logits(d(x), real_t) + \
             F.binary_cross_entropy_with_logits(d(fake.detach()), fake_t)
         od.zero_grad()
@@ -47,6 +50,8 @@ def bare_loop(cfg: TrainConfig, images: torch.Tensor, steps: int) -> float:
         loss_g.backward()
         og.step()
         models.ema_update(ema, g, cfg.ema_decay)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -63,10 +68,12 @@ def main() -> None:
     ap.add_argument("--arch", default="dcgan")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = ap.parse_args()
-    cfg = TrainConfig(data=a.data, arch=a.arch, epochs=a.epochs, data_count=10_000, device="cpu")
-    images = data.to_tensor(data.load(a.data, count=10_000).images)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, arch {a.arch}, batch {cfg.batch_size}, "
+    cfg = TrainConfig(data=a.data, arch=a.arch, epochs=a.epochs, data_count=10_000, device=a.device)
+    images = data.to_tensor(data.load(a.data, count=10_000).images).to(a.device)
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, arch {a.arch}, batch {cfg.batch_size}, "
           f"data {a.data} ({len(images)} images), {a.epochs} epoch(s) per run")
     ours, bare = [], []
     for r in range(a.repeats):

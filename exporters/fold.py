@@ -82,7 +82,8 @@ def for_inference(g, *, convs: bool):
 
 
 def channels_last(g, *, dtype: str = "fp32"):
-    """`g` for fast eager inference: BatchNorm folded, weights in `dtype` ("fp32" or "bf16"), channels_last.
+    """`g` for fast eager inference: BatchNorm folded, weights in `dtype` ("fp32", "bf16" or, on CUDA,
+    "fp16"), channels_last.
 
     float32 NCHW noise in, float32 NCHW images out, so it drops in wherever the eager generator runs.
     `gantk bench` measures both. On the 2-core AVX-512 CPU (no AMX): fp32 about 1.1-1.4x eager NCHW,
@@ -92,7 +93,7 @@ def channels_last(g, *, dtype: str = "fp32"):
     """
     import torch
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     inner = fold_batchnorm(g).to(dtypes[dtype]).to(memory_format=torch.channels_last)

@@ -105,3 +105,31 @@ def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
 def test_bench_bad_input_exit_2(args, tmp_path):
     res = CliRunner().invoke(cli, ["bench", "--runs-dir", str(tmp_path), *args])
     assert res.exit_code == 2, res.output
+
+
+def test_gpu_section_runs_on_the_cpu_with_parity(checkpoint, tmp_path):
+    """bench_gpu's device-resident timing, peaks and parity, run on the CPU (the CUDA rows need a GPU)."""
+    from gantk import bench_gpu
+    from gantk.checkpoint import generator_from, load
+
+    g = generator_from(load(checkpoint)).eval()
+    sec = bench_gpu.gpu_section(g, {}, device="cpu", batch_sizes=(4, 16), repeats=2, min_seconds=0.01, peak_n=64)
+    routes = {(r["route"], r["precision"]) for r in sec["rows"]}
+    assert routes == {("torch eager", "fp32"), ("torch folded+cl", "fp32"), ("torch folded+cl", "bf16")}
+    assert len(sec["rows"]) == 2 * len(routes) and all(r["images_per_s"] > 0 for r in sec["rows"])
+    for r in sec["rows"]:
+        assert r["max_abs_diff"] <= (TOLERANCE["fp32"] if r["precision"] == "fp32" else BF16_ATOL), r
+    eager = [r for r in sec["rows"] if r["route"] == "torch eager"]
+    assert all(r["max_abs_diff"] == 0 for r in eager)  # the same module on the same device as the reference
+    assert sec["peaks_gflops"]["fp32"] > 0 and "torch folded+cl" in "\n".join(bench_gpu.format_gpu(sec))
+
+
+def test_gpu_section_parity_catches_a_wrong_fold(checkpoint, monkeypatch):
+    from gantk import bench_gpu
+    from gantk.checkpoint import generator_from, load
+
+    g = _generator("dcgan")
+    monkeypatch.setattr(fold, "_merge", _wrong_merge)
+    sec = bench_gpu.gpu_section(g, {}, device="cpu", batch_sizes=(8,), repeats=1, min_seconds=0.001, peak_n=32)
+    folded = [r for r in sec["rows"] if r["route"] == "torch folded+cl" and r["precision"] == "fp32"]
+    assert folded and folded[0]["max_abs_diff"] > TOLERANCE["fp32"]

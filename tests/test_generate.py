@@ -124,6 +124,33 @@ def test_npy_matches_pngs_and_grid(exported, tmp_path):
         assert im.mode == "L" and im.size == (32, 32)
 
 
+def test_summary_says_where_the_time_went(exported, tmp_path):
+    png = json.loads(gen(exported["onnx"], tmp_path / "p", "--count", "70", "--batch-size", "32", "--json").stdout)
+    t = png["timing"]
+    assert {"noise", "noise_wait", "inference", "pixels", "png_writers", "png_wait", "manifest"} <= set(t)
+    assert t["inference"] > 0 and t["png_writers"] > 0 and t["noise"] > 0
+    assert t["inference"] + t["pixels"] + t["noise_wait"] <= png["seconds"]  # stages of the timed thread
+    npy = json.loads(gen(exported["onnx"], tmp_path / "n", "--count", "70", "--format", "npy", "--json").stdout)
+    assert npy["timing"]["npy_write"] > 0 and "png_writers" not in npy["timing"]
+
+
+def test_iobinding_runner_matches_a_plain_run(exported):
+    """The device-resident runner of the CUDA/TensorRT providers, exercised here on CPU OrtValues."""
+    import onnxruntime as ort
+
+    from gantk.backends import IOBound, fixed_batch
+
+    session = ort.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
+    latent = tuple(session.get_inputs()[0].shape[1:])
+    z = noise(0, range(21), latent)
+    bound = IOBound(ort, session, latent, 8, device="cpu")
+    got = fixed_batch(bound, 8, latent)(z)  # 8 + 8 + 5 padded
+    want = session.run(["image"], {"z": z})[0]
+    assert got.shape == (21, 1, 32, 32) and np.abs(got - want).max() < 1e-5
+    bound.run()  # device-resident: the output stays bound and is the last batch's
+    assert np.abs(bound.out.numpy()[:5] - want[16:]).max() < 1e-5
+
+
 # ------------------------------------------------------------------------------------------ re-runs
 
 

@@ -45,6 +45,7 @@ class Backend:
     run: Callable[[np.ndarray], np.ndarray]
     settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    bound: "IOBound | None" = None  # onnxruntime on a GPU: the session's device-resident binding
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -147,11 +148,12 @@ def _open_onnx(path: Path, *, provider: str, batch_size: int, threads: int) -> B
         warnings += _not_active(provider, wanted, active, reason)
     meta = check_metadata(session.get_modelmeta().custom_metadata_map, path)
     _check_io(session, meta, path)
-    run = _iobinding_runner(ort, session, meta["latent_shape"], batch_size) if active != "cpu" \
+    bound = IOBound(ort, session, meta["latent_shape"], batch_size) if active != "cpu" else None
+    run = fixed_batch(bound, batch_size, meta["latent_shape"]) if bound is not None \
         else (lambda z: session.run(["image"], {"z": z})[0])
     settings = {"intra_op_num_threads": threads if active == "cpu" else None, "providers": session.get_providers(),
                 "fixed_batch": batch_size if active != "cpu" else None}
-    return Backend("onnxruntime", path, active, meta, run, settings, warnings)
+    return Backend("onnxruntime", path, active, meta, run, settings, warnings, bound)
 
 
 def _wanted_provider(ort, provider: str, reason: str | None) -> tuple[str, list[str]]:
@@ -224,20 +226,27 @@ def _check_io(session, meta: dict[str, Any], path: Path) -> None:
                               f"float32 (N, {', '.join(map(str, meta['latent_shape']))})")
 
 
-def _iobinding_runner(ort, session, latent: tuple[int, ...], batch: int) -> Callable:
-    """CUDA/TensorRT: one fixed input shape on the device, output bound to a device-resident buffer."""
-    binding = session.io_binding()
-    z_dev = ort.OrtValue.ortvalue_from_shape_and_type((batch, *latent), np.float32, "cuda", _device_id())
-    out_dev = ort.OrtValue.ortvalue_from_shape_and_type((batch, *IMAGE_SHAPE), np.float32, "cuda", _device_id())
-    binding.bind_ortvalue_input("z", z_dev)
-    binding.bind_ortvalue_output("image", out_dev)
+class IOBound:
+    """An onnxruntime session bound to one fixed input shape on the GPU, its output in a device buffer.
 
-    def run_fixed(z: np.ndarray) -> np.ndarray:
-        z_dev.update_inplace(z)
-        session.run_with_iobinding(binding)
-        return out_dev.numpy()
+    `run()` is pure device-resident inference (what `gantk bench` times); `__call__` adds the copies
+    from and to host memory that `generate` needs."""
 
-    return fixed_batch(run_fixed, batch, latent)
+    def __init__(self, ort, session, latent: tuple[int, ...], batch: int, *, device: str = "cuda"):
+        self.session, self.binding = session, session.io_binding()
+        dev = _device_id() if device == "cuda" else 0
+        self.z = ort.OrtValue.ortvalue_from_shape_and_type((batch, *latent), np.float32, device, dev)
+        self.out = ort.OrtValue.ortvalue_from_shape_and_type((batch, *IMAGE_SHAPE), np.float32, device, dev)
+        self.binding.bind_ortvalue_input("z", self.z)
+        self.binding.bind_ortvalue_output("image", self.out)
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)  # returns once the device has finished
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        self.z.update_inplace(z)
+        self.run()
+        return self.out.numpy()
 
 
 def fixed_batch(run: Callable[[np.ndarray], np.ndarray], batch: int, latent: tuple[int, ...]) -> Callable:

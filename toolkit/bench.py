@@ -2,11 +2,11 @@
 
 What runs. For a checkpoint (and its ONNX export): eager torch fp32 (the reference), torch fp32 and bf16
 with BatchNorm folded and channels_last, TorchScript, onnxruntime CPU fp32 at each thread count asked
-for and fp16; with CUDA present also torch on CUDA and onnxruntime's CUDA/TensorRT providers (those
-rows appear only where the hardware and the build have them). Each path at each batch size is warmed
+for and fp16. Each path at each batch size is warmed
 up, then timed once per repeat, the repeats interleaved (repeat r runs every path before r + 1 starts,
 the order rotated), so a neighbour's load on this shared machine hits all paths alike; figures are
-medians. Compare ratios within one run, never figures across runs.
+medians. Compare ratios within one run, never figures across runs. With CUDA present, bench_gpu adds
+a GPU section (device-resident routes, the GPU's own matmul peaks, generate end to end on the GPU).
 
 Figures. images/s; useful GFLOP/s (models.flops_per_image, zero padding of transposed convs not
 counted); the share of the machine's peak: the best rate of torch or onnxruntime on a 1024^2 matmul of
@@ -130,26 +130,6 @@ def _torchscript(path: Path, threads: int) -> Runner:
     with _quiet_jit():
         module = torch.jit.load(str(path), map_location="cpu")
     return _torch_runner(module, threads)
-
-
-def cuda_paths(g, files: dict[str, Path]) -> list[Route]:
-    """CUDA rows, only where torch sees a device / onnxruntime has the provider. Untested on the 2-core CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    import onnxruntime
-
-    from .backends import open_backend
-
-    cuda_g = g.cuda().eval()
-    paths = [Route("torch eager", "fp32", 0, "cuda", lambda bs: _torch_runner(cuda_g, 0, "cuda"), "TF32 on")]
-    for prov in ("cuda", "tensorrt"):
-        if f"{'CUDA' if prov == 'cuda' else 'Tensorrt'}ExecutionProvider" in onnxruntime.get_available_providers():
-            paths.append(Route(f"onnxruntime {prov}", "fp32", 0, "cuda",
-                               lambda bs, p=prov: open_backend("onnxruntime", files["onnx"], provider=p,
-                                                               batch_size=bs).run, "IO binding, fixed shape"))
-    return paths
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -286,18 +266,27 @@ def seed_style_baseline(g, *, out: Path, count: int) -> dict[str, Any]:
 
 def bench(*, model: Path | None = None, checkpoint: Path | None = None, runs_dir: Path = Path("runs"),
           batch_sizes: tuple[int, ...] = (1, 64, 256), repeats: int = 5, count: int = 10000,
-          threads: tuple[int, ...] | None = None, e2e: bool = True,
-          progress: Progress | None = None) -> dict[str, Any]:
-    """Measure every route at every batch size in one interleaved run; the --json document."""
+          threads: tuple[int, ...] | None = None, e2e: bool = True, gpu_batch_sizes: tuple[int, ...] | None = None,
+          gpu_count: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every route at every batch size in one interleaved run; the --json document.
+
+    With CUDA present the document also has a `gpu` section (bench_gpu): device-resident routes at
+    `gpu_batch_sizes` and, with `e2e`, generate on the GPU with `gpu_count` images."""
+    import torch
+
     from .backends import default_threads
+    from .bench_gpu import BATCHES, E2E_COUNT
 
     progress = progress or (lambda msg: None)
     _check(batch_sizes=batch_sizes, repeats=repeats, count=count, threads=threads)
+    _check(batch_sizes=gpu_batch_sizes or BATCHES, repeats=repeats, count=gpu_count or E2E_COUNT, threads=None)
+    gpu = {"batch_sizes": tuple(gpu_batch_sizes or BATCHES), "count": gpu_count or E2E_COUNT} \
+        if torch.cuda.is_available() else None
     threads = tuple(threads or _thread_counts(default_threads()))
     ckpt, onnx = resolve_inputs(model=model, checkpoint=checkpoint, runs_dir=runs_dir)
     with tempfile.TemporaryDirectory(prefix="gantk-bench-") as tmp:
         return _measure(ckpt, onnx, Path(tmp), batch_sizes=batch_sizes, repeats=repeats, count=count,
-                        threads=list(threads), e2e=e2e, progress=progress)
+                        threads=list(threads), e2e=e2e, gpu=gpu, progress=progress)
 
 
 def _thread_counts(default: int) -> tuple[int, ...]:
@@ -315,7 +304,7 @@ def _check(*, batch_sizes, repeats, count, threads) -> None:
             raise UsageError(msg)
 
 
-def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats, count, threads, e2e,
+def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats, count, threads, e2e, gpu,
              progress) -> dict[str, Any]:
     from .checkpoint import generator_from, load
     from .exporters.validate import fixed_noise
@@ -325,7 +314,7 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
     flops = flops_per_image(g)
     progress("exporting the files the routes need")
     files = _exports(ckpt, onnx, work)
-    routes = cpu_paths(g, files, threads=threads) + cuda_paths(g, files)
+    routes = cpu_paths(g, files, threads=threads)
     z = fixed_noise(tuple(g.latent_shape), count=max(batch_sizes))
     noise = {bs: np.ascontiguousarray(z[:bs]) for bs in batch_sizes}
     runners = {(i, bs): r.build(bs) for i, r in enumerate(routes) for bs in batch_sizes}
@@ -335,6 +324,14 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
     doc = {"machine": machine(), "checkpoint": str(ckpt), "onnx": str(files["onnx"]), "arch": _arch(ckpt),
            "flops_per_image": flops, "batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads,
            "peaks_gflops": {f"{dt}@{t}": round(v, 1) for (dt, t), v in peak.items()}, "rows": rows}
+    if gpu is not None:
+        from .bench_gpu import gpu_end_to_end, gpu_section
+
+        progress("GPU routes")
+        doc["gpu"] = gpu_section(g, files, batch_sizes=gpu["batch_sizes"], repeats=repeats, progress=progress)
+        if e2e:
+            progress(f"GPU end to end, --gpu-count {gpu['count']}")
+            doc["gpu"]["end_to_end"] = gpu_end_to_end(files, ckpt, work, count=gpu["count"])
     if e2e:
         progress(f"end to end, --count {count}")
         doc["end_to_end"] = _end_to_end_rows(g, files, work, count=count, threads=threads)
@@ -447,6 +444,10 @@ def format_table(doc: dict[str, Any]) -> str:
                      f"{r['pixels_off']:>9.3%}{r['max_levels_off']:>4}  {r['note']}")
     if "end_to_end" in doc:
         lines += ["", _e2e_header()] + [_e2e_line(r) for r in doc["end_to_end"]] + ["", _targets_text(doc["targets"])]
+    if "gpu" in doc:
+        from .bench_gpu import format_gpu
+
+        lines += format_gpu(doc["gpu"])
     return "\n".join(lines)
 
 

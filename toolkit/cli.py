@@ -529,6 +529,8 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
 @click.option("--threads", default=None,
               help="CPU thread counts, e.g. 2,1 [default: generate's default, 1, all cores]; torch routes use the first.")
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end generate runs.")
+@click.option("--gpu-batch-sizes", default="256,4096,16384", show_default=True, help="Batch sizes of the GPU routes.")
+@click.option("--gpu-count", type=int, default=100000, show_default=True, help="Images for the GPU end-to-end runs.")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
@@ -540,6 +542,7 @@ def bench_cmd(**o: Any) -> None:
     doc = bench(model=o["model"], checkpoint=o["checkpoint"], runs_dir=o["runs_dir"],
                 batch_sizes=_int_list(o["batch_sizes"], "--batch-sizes"), repeats=o["repeats"], count=o["count"],
                 threads=_int_list(o["threads"], "--threads") if o["threads"] else None, e2e=not o["no_e2e"],
+                gpu_batch_sizes=_int_list(o["gpu_batch_sizes"], "--gpu-batch-sizes"), gpu_count=o["gpu_count"],
                 progress=lambda msg: _echo(f"bench: {msg}"))
     _emit_json(doc) if o["as_json"] else _echo(format_table(doc))
 

@@ -23,6 +23,7 @@ deleted or overwritten.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -395,41 +396,78 @@ def _default_atol(meta: dict[str, Any]) -> float:
 # ------------------------------------------------------------------------------------------ the pipeline
 
 
-def infer_batches(backend, seed: int, todo: list[int], batch_size: int) -> Iterator[tuple[list[int], np.ndarray]]:
-    """(indices, uint8 pixels) per batch; the next batch's noise is drawn in a thread while this one runs."""
+class Timing(collections.Counter):
+    """Seconds per stage of a run, for the summary's `timing` (where the time went)."""
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] += time.perf_counter() - t0
+
+    def report(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in sorted(self.items())}
+
+
+def infer_batches(backend, seed: int, todo: list[int], batch_size: int,
+                  timing: Timing | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(indices, uint8 pixels) per batch; the next batch's noise is drawn in a thread while this one runs.
+
+    `timing` gets the noise thread's busy time (noise) and, on this thread, the wait for noise
+    (noise_wait), the backend call (inference) and the quantisation (pixels)."""
+    timing = Timing() if timing is None else timing
     batches = [todo[lo:lo + batch_size] for lo in range(0, len(todo), batch_size)]
     if not batches:
         return
+
+    def draw(idx: list[int]) -> np.ndarray:
+        with timing("noise"):
+            return noise(seed, idx, backend.latent_shape)
+
     with ThreadPoolExecutor(1, thread_name_prefix="gantk-noise") as pool:
-        future = pool.submit(noise, seed, batches[0], backend.latent_shape)
+        future = pool.submit(draw, batches[0])
         for b, idx in enumerate(batches):
-            z = future.result()
+            with timing("noise_wait"):
+                z = future.result()
             if b + 1 < len(batches):
-                future = pool.submit(noise, seed, batches[b + 1], backend.latent_shape)
-            yield idx, to_pixels(backend(z))
+                future = pool.submit(draw, batches[b + 1])
+            with timing("inference"):
+                x = backend(z)
+            with timing("pixels"):
+                px = to_pixels(x)
+            yield idx, px
 
 
-def _write_chunk(out: Path, indices: list[int], px: np.ndarray, existing: set[int]) -> list[tuple]:
-    """Encode and write PNGs; a file already holding exactly these bytes is left untouched."""
-    done = []
+def _write_chunk(out: Path, indices: list[int], px: np.ndarray, existing: set[int]) -> tuple[list[tuple], float]:
+    """Encode and write PNGs; a file already holding exactly these bytes is left untouched. Returns
+    (index, name, sha256, wrote) per image and the seconds it took."""
+    t0, done = time.perf_counter(), []
     for i, p in zip(indices, px):
         data, name = encode_png(p), file_name(i)
         wrote = i not in existing or _read_or_none(out / name) != data
         if wrote:
             _write_atomic(out / name, data)
         done.append((i, name, hashlib.sha256(data).hexdigest(), wrote))
-    return done
+    return done, time.perf_counter() - t0
 
 
-def write_pngs(backend, req: Request, folder: Folder, todo: list[int], progress: Progress) -> dict[str, int]:
-    """Inference in this thread, encoding and writing in `req.writers` threads; the manifest kept current."""
+def write_pngs(backend, req: Request, folder: Folder, todo: list[int], progress: Progress,
+               timing: Timing) -> dict[str, int]:
+    """Inference in this thread, encoding and writing in `req.writers` threads; the manifest kept current.
+
+    `timing`: besides infer_batches' stages, the writers' summed busy time (png_writers, over all
+    threads), this thread's wait for them (png_wait) and the manifest checkpoints (manifest)."""
     stats = {"written": 0, "unchanged": 0}
     existing = {i for i in todo if (folder.path / file_name(i)).exists()}  # left by a crash, or damaged
     pending: collections.deque = collections.deque()
 
     def settle(block: bool) -> None:
         while pending and (block or pending[0].done() or len(pending) > 4 * req.writers):
-            done = pending.popleft().result()
+            with timing("png_wait"):
+                done, busy = pending.popleft().result()
+            timing["png_writers"] += busy
             for i, name, sha, wrote in done:
                 folder.files[i] = {"file": name, "sha256": sha}
                 stats["written" if wrote else "unchanged"] += 1
@@ -437,11 +475,12 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], progress:
 
     with ThreadPoolExecutor(req.writers, thread_name_prefix="gantk-png") as pool:
         try:
-            for idx, px in infer_batches(backend, req.seed, todo, req.batch_size):
+            for idx, px in infer_batches(backend, req.seed, todo, req.batch_size, timing):
                 for lo in range(0, len(idx), CHUNK):
                     pending.append(pool.submit(_write_chunk, folder.path, idx[lo:lo + CHUNK], px[lo:lo + CHUNK], existing))
                 settle(False)
-                folder.flush(force=False)
+                with timing("manifest"):
+                    folder.flush(force=False)
             settle(True)
         finally:
             _settle_after_failure(pending, folder, pool)
@@ -455,7 +494,7 @@ def _settle_after_failure(pending: collections.deque, folder: Folder, pool: Thre
     pool.shutdown(wait=True, cancel_futures=True)
     for fut in pending:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            for i, name, sha, _ in fut.result():
+            for i, name, sha, _ in fut.result()[0]:
                 folder.files[i] = {"file": name, "sha256": sha}
     folder.flush()
 
@@ -466,7 +505,7 @@ def npy_name(req: Request) -> str:
     return name + (f"-shard{req.shard[0]}of{req.shard[1]}.npy" if req.shard[1] > 1 else ".npy")
 
 
-def write_npy(backend, req: Request, folder: Folder, progress: Progress) -> dict[str, Any]:
+def write_npy(backend, req: Request, folder: Folder, progress: Progress, timing: Timing) -> dict[str, Any]:
     """One uint8 (N, 32, 32) array for this run's indices; rewritten only when its bytes would differ."""
     idx, name = list(req.indices()), npy_name(req)
     path, entry = folder.path / name, folder.arrays.get(name)
@@ -474,16 +513,17 @@ def write_npy(backend, req: Request, folder: Folder, progress: Progress) -> dict
         return {"written": 0, "unchanged": len(idx), "generated": 0, "file": name}
     arr = np.empty((len(idx), 32, 32), np.uint8)
     pos = 0
-    for batch, px in infer_batches(backend, req.seed, idx, req.batch_size):
+    for batch, px in infer_batches(backend, req.seed, idx, req.batch_size, timing):
         arr[pos:pos + len(batch)] = px
         pos += len(batch)
         progress({"event": "written", "n": len(batch)})
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    data = buf.getvalue()
-    wrote = not (path.is_file() and path.read_bytes() == data)
-    if wrote:
-        _write_atomic(path, data)
+    with timing("npy_write"):
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        data = buf.getvalue()
+        wrote = not (path.is_file() and path.read_bytes() == data)
+        if wrote:
+            _write_atomic(path, data)
     folder.arrays[name] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "first": idx[0],
                            "stop": req.stop, "step": req.shard[1], "count": len(idx)}
     return {"written": len(idx) if wrote else 0, "unchanged": 0 if wrote else len(idx), "generated": len(idx),
@@ -569,13 +609,14 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world) -> di
         changed = folder.flush()  # claim the folder before the first image
     distributed.barrier(world)
     progress({"event": "start", "total": len(req.indices()), "done": kept})
-    t0 = time.perf_counter()
+    t0, timing = time.perf_counter(), Timing()
     if req.fmt == "png":
-        stats = write_pngs(be, req, folder, todo, progress) if todo else {"written": 0, "unchanged": 0}
+        stats = write_pngs(be, req, folder, todo, progress, timing) if todo else {"written": 0, "unchanged": 0}
         stats["generated"] = len(todo)
     else:
-        stats = write_npy(be, req, folder, progress)
+        stats = write_npy(be, req, folder, progress, timing)
     seconds = time.perf_counter() - t0
+    stats["timing"] = timing.report()
     if world.active:
         stats, kept, parity, seconds = _merge_ranks(world, folder, stats, kept, parity, seconds)
         if not world.main:
@@ -620,7 +661,7 @@ def _summary(be, req, folder, parity, stats, kept, generated, seconds, removed) 
         "generated": generated, "written": stats["written"], "unchanged": stats["unchanged"] + kept,
         "removed_other_identity": removed, "seconds": round(seconds, 3),
         "images_per_s": round(generated / seconds, 1) if generated and seconds > 0 else None,
-        "parity": parity, "warnings": be.warnings, "versions": {"gantk": __version__, **_versions()},
+        "timing": stats.get("timing", {}), "parity": parity, "warnings": be.warnings, "versions": {"gantk": __version__, **_versions()},
     }
 
 

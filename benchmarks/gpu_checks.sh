@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU checks recorded in BENCHMARKS.md, on a CUDA machine whose python3 imports gantk, in two phases:
+#
+#   benchmarks/gpu_checks.sh train OUT [MNIST_IDX]  # gpu-marked tests, training speed on CUDA, a CUDA run + export
+#   benchmarks/gpu_checks.sh infer OUT              # onnxruntime CUDA tests, gantk bench with its GPU section
+#
+# Everything goes to OUT/gpu-<phase>.log (bench also writes OUT/bench.json). Each step has its own time
+# limit; a failing step does not stop the others. `infer` uses the run `train` made (GANTK_GPU_RUNS).
+set -u
+phase=${1:?train or infer}
+out=${2:?output folder}
+mnist=${3:-../shared/data/mnist/t10k-images-idx3-ubyte.gz}
+py=${PYTHON:-python3}
+runs=${GANTK_GPU_RUNS:-/tmp/gantk-gpu-runs}
+log="$out/gpu-$phase.log"
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+
+step() {  # step NAME SECONDS CMD...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $* ($(date -u +%FT%TZ))" | tee -a "$log"
+    timeout "$limit" "$@" >>"$log" 2>&1
+    echo "== $name: exit $? ($(date -u +%T))" | tee -a "$log"
+}
+
+case "$phase" in
+train)
+    step env 60 bash -c "nvidia-smi -L; nproc; $py -c 'import torch, onnxruntime as o, numpy, PIL; \
+print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), o.__version__, \
+o.get_available_providers(), numpy.__version__, PIL.__version__)'"
+    step gpu-tests 200 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs tests
+    step train-variants 150 "$py" benchmarks/bench_train_variants.py --device cuda --steps 60 --repeats 3
+    step train-bookkeeping 120 "$py" benchmarks/bench_train.py --device cuda --data "$mnist" --repeats 2
+    rm -rf "$runs"
+    step train-run 120 "$py" -m gantk train --data "$mnist" --epochs 3 --device cuda --runs-dir "$runs" --run cuda --json
+    step export 90 "$py" -m gantk export --format onnx --runs-dir "$runs" --json
+    ;;
+infer)
+    step env 60 bash -c "$py -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())'"
+    step ort-gpu-tests 200 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_generate.py
+    step bench 420 bash -c "$py -m gantk bench --runs-dir $runs --batch-sizes 64,256 --threads 8 --repeats 3 \
+--count 10000 --json > $out/bench.json && $py -c 'import json, sys; from gantk.bench import format_table; \
+print(format_table(json.load(open(sys.argv[1]))))' $out/bench.json"
+    ;;
+*)
+    echo "phase must be train or infer" >&2
+    exit 2
+    ;;
+esac
