@@ -29,17 +29,17 @@ train)
     step env 60 bash -c "nvidia-smi -L; nproc; $py -c 'import torch, onnxruntime as o, numpy, PIL; \
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), o.__version__, \
 o.get_available_providers(), numpy.__version__, PIL.__version__)'"
-    step gpu-tests 200 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs tests
-    step train-variants 150 "$py" benchmarks/bench_train_variants.py --device cuda --steps 60 --repeats 3
-    step train-bookkeeping 120 "$py" benchmarks/bench_train.py --device cuda --data "$mnist" --repeats 2
     rm -rf "$runs"
-    step train-run 120 "$py" -m gantk train --data "$mnist" --epochs 3 --device cuda --runs-dir "$runs" --run cuda --json
-    step export 90 "$py" -m gantk export --format onnx --runs-dir "$runs" --json
+    step train-run 60 "$py" -m gantk train --data "$mnist" --epochs 3 --device cuda --runs-dir "$runs" --run cuda --json
+    step export 60 "$py" -m gantk export --format onnx --runs-dir "$runs" --json
+    step gpu-tests 150 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs tests
+    step train-variants 120 "$py" benchmarks/bench_train_variants.py --device cuda --steps 60 --repeats 3
+    step train-bookkeeping 90 "$py" benchmarks/bench_train.py --device cuda --data "$mnist" --repeats 2
     ;;
 infer)
     step env 60 bash -c "$py -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())'"
     step ort-gpu-tests 200 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_generate.py
-    step bench 420 bash -c "$py -m gantk bench --runs-dir $runs --batch-sizes 64,256 --threads 8 --repeats 3 \
+    step bench 420 bash -c "$py -m gantk bench --runs-dir $runs --batch-sizes 64,256 --threads 4,16 --repeats 3 \
 --count 10000 --json > $out/bench.json && $py -c 'import json, sys; from gantk.bench import format_table; \
 print(format_table(json.load(open(sys.argv[1]))))' $out/bench.json"
     ;;
