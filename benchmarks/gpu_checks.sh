@@ -3,6 +3,7 @@
 #
 #   benchmarks/gpu_checks.sh train OUT [MNIST_IDX]  # gpu-marked tests, training speed on CUDA, a CUDA run + export
 #   benchmarks/gpu_checks.sh infer OUT              # onnxruntime CUDA tests, gantk bench with its GPU section
+#   benchmarks/gpu_checks.sh e2e OUT                # generate on the GPU only: writers x batch sizes, time breakdown
 #
 # Everything goes to OUT/gpu-<phase>.log (bench also writes OUT/bench.json). Each step has its own time
 # limit; a failing step does not stop the others. `infer` uses the run `train` made (GANTK_GPU_RUNS).
@@ -43,8 +44,24 @@ infer)
 --count 10000 --json > $out/bench.json && $py -c 'import json, sys; from gantk.bench import format_table; \
 print(format_table(json.load(open(sys.argv[1]))))' $out/bench.json"
     ;;
+e2e)
+    step gpu-e2e 300 "$py" -c "
+import json, sys, tempfile
+from pathlib import Path
+from gantk.bench import _exports
+from gantk.bench_gpu import gpu_end_to_end, format_gpu
+run = Path('$runs/cuda')
+with tempfile.TemporaryDirectory() as tmp:
+    files = _exports(run / 'checkpoints/last.pt', run / 'export/generator.onnx', Path(tmp))
+    rows = gpu_end_to_end(files, run / 'checkpoints/last.pt', Path(tmp))
+json.dump(rows, open('$out/gpu-e2e.json', 'w'), indent=1)
+print('\n'.join(format_gpu({'device': 'cuda', 'repeats': 1, 'peaks_gflops': {}, 'rows': [], 'not_started': [],
+                             'end_to_end': rows})))"
+    step json-clean 60 bash -c "$py -m gantk generate --model $runs/cuda/export/generator.onnx --provider tensorrt \
+--count 10 --out /tmp/trt-out --json 2>/dev/null | wc -c"
+    ;;
 *)
-    echo "phase must be train or infer" >&2
+    echo "phase must be train, infer or e2e" >&2
     exit 2
     ;;
 esac

@@ -1,4 +1,5 @@
 """`python -m gantk` runs the command line."""
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

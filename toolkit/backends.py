@@ -196,7 +196,8 @@ def _session(ort, path: Path, *, wanted: str, threads: int):
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning starves the writers
     so.log_severity_level = 0 if log.isEnabledFor(logging.DEBUG) else 4
     try:
-        return ort.InferenceSession(str(path), so, providers=_provider_list(wanted))
+        with contextlib.redirect_stdout(sys.stderr):  # a provider that fails to start prints there (--json!)
+            return ort.InferenceSession(str(path), so, providers=_provider_list(wanted))
     except Exception as e:  # InvalidProtobuf, Fail, ...: not a loadable ONNX model
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: not a loadable ONNX model ({first[:160]})") from None

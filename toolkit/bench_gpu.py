@@ -34,7 +34,7 @@ MIN_SECONDS = 0.2
 MATMUL_N = 8192
 PEAK_CALLS = 5
 E2E_COUNT = 100_000
-E2E_BATCH = 4096
+E2E_BATCHES = (256, 4096)
 
 Step = Callable[[], None]
 Fetch = Callable[[], np.ndarray]
@@ -260,23 +260,25 @@ def _device_name(device: str) -> str:
 
 
 def gpu_end_to_end(files: dict[str, Path], checkpoint: Path, work: Path, *, count: int = E2E_COUNT,
-                   batch_size: int = E2E_BATCH, writers: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """`generate --count N` on the GPU to PNGs at each writer count, and to .npy; with the time breakdown."""
+                   batch_sizes: tuple[int, ...] = E2E_BATCHES, writers: tuple[int, ...] | None = None) -> list[dict]:
+    """`generate --count N` on the GPU to PNGs at each writer count and batch size, and to .npy; with the
+    summary's breakdown of where the time went."""
     import onnxruntime as ort
 
     from .generate import Request, generate
 
     cores = os.cpu_count() or 1
-    writers = writers or tuple(sorted({2, min(8, cores), max(2, cores - 1)}))
+    writers = writers or tuple(sorted({2, max(2, cores // 2), max(2, cores - 1)}))
     onnx_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     model, backend = (files["onnx"], "onnxruntime") if onnx_cuda else (checkpoint, "torch")
+    runs = [("png", w, bs) for bs in batch_sizes for w in writers] + [("npy", max(writers), bs) for bs in batch_sizes]
     rows = []
-    for fmt, w in [("png", w) for w in writers] + [("npy", 1)]:
+    for fmt, w, bs in runs:
         t0 = time.perf_counter()
-        s = generate(Request(out=work / f"gpu-{fmt}-w{w}", count=count, fmt=fmt, batch_size=batch_size, writers=w),
+        s = generate(Request(out=work / f"gpu-{fmt}-w{w}-b{bs}", count=count, fmt=fmt, batch_size=bs, writers=w),
                      model=model, backend=backend, provider="cuda")
-        rows.append({"backend": backend, "provider": s["provider"], "format": fmt, "writers": w if fmt == "png" else None,
-                     "count": count, "batch_size": batch_size, "seconds": s["seconds"],
+        rows.append({"backend": backend, "provider": s["provider"], "format": fmt, "writers": w,
+                     "count": count, "batch_size": bs, "seconds": s["seconds"],
                      "wall_s": round(time.perf_counter() - t0, 3), "images_per_s": s["images_per_s"],
                      "parity": s["parity"].get("status"), "timing": s["timing"]})
     return rows
@@ -303,7 +305,7 @@ def format_gpu(sec: dict[str, Any]) -> list[str]:
                      f"img/s at batch {best['batch']}")
     for e in sec.get("end_to_end", []):
         t = ", ".join(f"{k} {v:.2f}s" for k, v in e["timing"].items())
-        w = f" writers {e['writers']}" if e["writers"] else ""
+        w = f" writers {e['writers']}"
         lines.append(f"gpu end to end: {e['backend']} on {e['provider']} {e['format']}{w} batch {e['batch_size']} "
                      f"count {e['count']}: {e['images_per_s']:.0f} img/s ({e['seconds']:.2f}s; {t})")
     return lines

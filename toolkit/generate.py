@@ -29,11 +29,13 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -50,6 +52,9 @@ TMP_PREFIX = ".gantk-tmp-"
 NAME_WIDTH = 6
 FORMATS = ("png", "npy")
 CHUNK = 32             # images per writer task
+NOISE_CHUNK = 128      # noise vectors per worker task
+NOISE_AHEAD = 2        # batches whose noise is drawn ahead of inference
+PROCESS_MIN_IMAGES = 2048  # from this many images on, workers are processes (see `executor`)
 FLUSH_SECONDS = 2.0    # manifest checkpoint interval during a run
 GRID_COLS, GRID_MAX = 8, 64
 
@@ -96,9 +101,16 @@ def noise(seed: int, indices, latent_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def to_pixels(x: np.ndarray) -> np.ndarray:
-    """(N,1,32,32) in [-1,1] -> uint8 (N,32,32): round((x + 1) * 127.5) in float64, clipped; NaN -> 0."""
-    x = np.nan_to_num(np.asarray(x, np.float64)[:, 0], nan=-1.0)
-    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """(N,1,32,32) in [-1,1] -> uint8 (N,32,32): round((x + 1) * 127.5) in float64, clipped; NaN -> 0.
+
+    In place on one float64 copy (a float32 x + 1 and its product with 127.5 are exact there)."""
+    y = np.array(np.asarray(x)[:, 0], dtype=np.float64)
+    y += 1.0
+    y *= 127.5
+    np.rint(y, out=y)
+    np.fmax(y, 0.0, out=y)  # fmax, unlike clip, also maps NaN to 0
+    np.fmin(y, 255.0, out=y)
+    return y.astype(np.uint8)
 
 
 def encode_png(px: np.ndarray) -> bytes:
@@ -411,40 +423,60 @@ class Timing(collections.Counter):
         return {k: round(v, 4) for k, v in sorted(self.items())}
 
 
-def infer_batches(backend, seed: int, todo: list[int], batch_size: int,
-                  timing: Timing | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
-    """(indices, uint8 pixels) per batch; the next batch's noise is drawn in a thread while this one runs.
+def executor(workers: int, images: int) -> Executor:
+    """The pool for a run's CPU side (noise, quantisation, PNG encoding and writing): processes for runs of
+    at least PROCESS_MIN_IMAGES, where Python threads would serialise on the GIL (seen on a 16-core GPU
+    host: 15 writer threads were slower than 2), threads for smaller runs, where starting processes
+    costs more than it saves.
 
-    `timing` gets the noise thread's busy time (noise) and, on this thread, the wait for noise
-    (noise_wait), the backend call (inference) and the quantisation (pixels)."""
-    timing = Timing() if timing is None else timing
+    Processes are forked (as torch's DataLoader does on Linux: no re-import of the caller's main
+    module) and all started here, before the backend brings its own threads; they ignore Ctrl-C, so the
+    main process can stop them after recording what they finished."""
+    if images < PROCESS_MIN_IMAGES or "fork" not in multiprocessing.get_all_start_methods():
+        return ThreadPoolExecutor(workers, thread_name_prefix="gantk-worker")
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    pool.submit(int).result()  # forks every worker now
+    return pool
+
+
+def _noise_chunk(seed: int, indices: list[int], latent_shape: tuple[int, ...]) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    return noise(seed, indices, latent_shape), time.perf_counter() - t0
+
+
+def infer_batches(backend, seed: int, todo: list[int], batch_size: int, pool: Executor,
+                  timing: Timing) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(indices, float32 images) per batch; the noise of the next NOISE_AHEAD batches is drawn by `pool`
+    while this one runs.
+
+    `timing` gets the noise workers' busy time (noise) and, on this thread, the wait for noise
+    (noise_wait) and the backend call (inference)."""
     batches = [todo[lo:lo + batch_size] for lo in range(0, len(todo), batch_size)]
-    if not batches:
-        return
+    ahead: collections.deque = collections.deque()
 
-    def draw(idx: list[int]) -> np.ndarray:
-        with timing("noise"):
-            return noise(seed, idx, backend.latent_shape)
+    def draw(idx: list[int]) -> None:
+        ahead.append([pool.submit(_noise_chunk, seed, idx[lo:lo + NOISE_CHUNK], backend.latent_shape)
+                      for lo in range(0, len(idx), NOISE_CHUNK)])
 
-    with ThreadPoolExecutor(1, thread_name_prefix="gantk-noise") as pool:
-        future = pool.submit(draw, batches[0])
-        for b, idx in enumerate(batches):
-            with timing("noise_wait"):
-                z = future.result()
-            if b + 1 < len(batches):
-                future = pool.submit(draw, batches[b + 1])
-            with timing("inference"):
-                x = backend(z)
-            with timing("pixels"):
-                px = to_pixels(x)
-            yield idx, px
+    for idx in batches[:NOISE_AHEAD]:
+        draw(idx)
+    for b, idx in enumerate(batches):
+        with timing("noise_wait"):
+            parts = [f.result() for f in ahead.popleft()]
+        timing["noise"] += sum(sec for _, sec in parts)
+        if b + NOISE_AHEAD < len(batches):
+            draw(batches[b + NOISE_AHEAD])
+        with timing("inference"):
+            x = backend(np.concatenate([z for z, _ in parts]))
+        yield idx, x
 
 
-def _write_chunk(out: Path, indices: list[int], px: np.ndarray, existing: set[int]) -> tuple[list[tuple], float]:
-    """Encode and write PNGs; a file already holding exactly these bytes is left untouched. Returns
-    (index, name, sha256, wrote) per image and the seconds it took."""
+def _write_chunk(out: Path, indices: list[int], x: np.ndarray, existing: set[int]) -> tuple[list[tuple], float]:
+    """Quantise, encode and write PNGs; a file already holding exactly these bytes is left untouched.
+    Returns (index, name, sha256, wrote) per image and the seconds it took."""
     t0, done = time.perf_counter(), []
-    for i, p in zip(indices, px):
+    for i, p in zip(indices, to_pixels(x)):
         data, name = encode_png(p), file_name(i)
         wrote = i not in existing or _read_or_none(out / name) != data
         if wrote:
@@ -453,12 +485,13 @@ def _write_chunk(out: Path, indices: list[int], px: np.ndarray, existing: set[in
     return done, time.perf_counter() - t0
 
 
-def write_pngs(backend, req: Request, folder: Folder, todo: list[int], progress: Progress,
+def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Executor, progress: Progress,
                timing: Timing) -> dict[str, int]:
-    """Inference in this thread, encoding and writing in `req.writers` threads; the manifest kept current.
+    """Inference in this thread; noise, quantisation, encoding and writing in `req.writers` workers; the
+    manifest kept current.
 
     `timing`: besides infer_batches' stages, the writers' summed busy time (png_writers, over all
-    threads), this thread's wait for them (png_wait) and the manifest checkpoints (manifest)."""
+    workers), this thread's wait for them (png_wait) and the manifest checkpoints (manifest)."""
     stats = {"written": 0, "unchanged": 0}
     existing = {i for i in todo if (folder.path / file_name(i)).exists()}  # left by a crash, or damaged
     pending: collections.deque = collections.deque()
@@ -473,21 +506,22 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], progress:
                 stats["written" if wrote else "unchanged"] += 1
             progress({"event": "written", "n": len(done)})
 
-    with ThreadPoolExecutor(req.writers, thread_name_prefix="gantk-png") as pool:
-        try:
-            for idx, px in infer_batches(backend, req.seed, todo, req.batch_size, timing):
-                for lo in range(0, len(idx), CHUNK):
-                    pending.append(pool.submit(_write_chunk, folder.path, idx[lo:lo + CHUNK], px[lo:lo + CHUNK], existing))
-                settle(False)
-                with timing("manifest"):
-                    folder.flush(force=False)
-            settle(True)
-        finally:
-            _settle_after_failure(pending, folder, pool)
+    try:
+        for idx, x in infer_batches(backend, req.seed, todo, req.batch_size, pool, timing):
+            for lo in range(0, len(idx), CHUNK):
+                chunk = idx[lo:lo + CHUNK]
+                pending.append(pool.submit(_write_chunk, folder.path, chunk, x[lo:lo + CHUNK],
+                                           existing.intersection(chunk)))
+            settle(False)
+            with timing("manifest"):
+                folder.flush(force=False)
+        settle(True)
+    finally:
+        _settle_after_failure(pending, folder, pool)
     return stats
 
 
-def _settle_after_failure(pending: collections.deque, folder: Folder, pool: ThreadPoolExecutor) -> None:
+def _settle_after_failure(pending: collections.deque, folder: Folder, pool: Executor) -> None:
     """Interrupted: record what the writers finished, so the manifest never lags far behind the disk."""
     if not pending:
         return
@@ -505,7 +539,8 @@ def npy_name(req: Request) -> str:
     return name + (f"-shard{req.shard[0]}of{req.shard[1]}.npy" if req.shard[1] > 1 else ".npy")
 
 
-def write_npy(backend, req: Request, folder: Folder, progress: Progress, timing: Timing) -> dict[str, Any]:
+def write_npy(backend, req: Request, folder: Folder, pool: Executor, progress: Progress,
+              timing: Timing) -> dict[str, Any]:
     """One uint8 (N, 32, 32) array for this run's indices; rewritten only when its bytes would differ."""
     idx, name = list(req.indices()), npy_name(req)
     path, entry = folder.path / name, folder.arrays.get(name)
@@ -513,8 +548,9 @@ def write_npy(backend, req: Request, folder: Folder, progress: Progress, timing:
         return {"written": 0, "unchanged": len(idx), "generated": 0, "file": name}
     arr = np.empty((len(idx), 32, 32), np.uint8)
     pos = 0
-    for batch, px in infer_batches(backend, req.seed, idx, req.batch_size, timing):
-        arr[pos:pos + len(batch)] = px
+    for batch, x in infer_batches(backend, req.seed, idx, req.batch_size, pool, timing):
+        with timing("pixels"):
+            arr[pos:pos + len(batch)] = to_pixels(x)
         pos += len(batch)
         progress({"event": "written", "n": len(batch)})
     with timing("npy_write"):
@@ -583,20 +619,21 @@ def _generate(req, model, backend, provider, threads, progress, world) -> dict[s
     check_request(req)
     out = Path(req.out)
     check_out(out)
-    be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=threads)
-    identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
-                "latent_shape": list(be.latent_shape)}
-    folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
-    folder.writer = world.main
-    if out.is_dir():
-        _refuse_foreign(folder, [SUMMARY, GRID, npy_name(req)])
-    todo, kept = plan_pngs(folder, req.indices(), replaced) if req.fmt == "png" and out.is_dir() \
-        else (list(req.indices()), 0)
-    parity = parity_check(be, req)
-    return _write(be, req, folder, replaced, todo, kept, parity, progress, world)
+    with executor(req.writers, len(req.indices())) as pool:  # before the backend: see `executor`
+        be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=threads)
+        identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
+                    "latent_shape": list(be.latent_shape)}
+        folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
+        folder.writer = world.main
+        if out.is_dir():
+            _refuse_foreign(folder, [SUMMARY, GRID, npy_name(req)])
+        todo, kept = plan_pngs(folder, req.indices(), replaced) if req.fmt == "png" and out.is_dir() \
+            else (list(req.indices()), 0)
+        parity = parity_check(be, req)
+        return _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
 
 
-def _write(be, req, folder, replaced, todo, kept, parity, progress, world) -> dict[str, Any]:
+def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool) -> dict[str, Any]:
     from . import distributed
 
     out = folder.path
@@ -611,10 +648,10 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world) -> di
     progress({"event": "start", "total": len(req.indices()), "done": kept})
     t0, timing = time.perf_counter(), Timing()
     if req.fmt == "png":
-        stats = write_pngs(be, req, folder, todo, progress, timing) if todo else {"written": 0, "unchanged": 0}
+        stats = write_pngs(be, req, folder, todo, pool, progress, timing) if todo else {"written": 0, "unchanged": 0}
         stats["generated"] = len(todo)
     else:
-        stats = write_npy(be, req, folder, progress, timing)
+        stats = write_npy(be, req, folder, pool, progress, timing)
     seconds = time.perf_counter() - t0
     stats["timing"] = timing.report()
     if world.active:

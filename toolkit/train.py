@@ -408,9 +408,13 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
         raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
     created = distributed.init(world, device.type)
     try:
-        if device.type == "cuda" and world.active:
-            device = torch.device("cuda", world.local_rank)
-            torch.cuda.set_device(device)
+        if device.type == "cuda":
+            if world.active:
+                device = torch.device("cuda", world.local_rank)
+                torch.cuda.set_device(device)
+            # Exact resume needs run-to-run identical steps: cuDNN's default choice includes kernels that
+            # accumulate with atomics (seen on an H200: a resumed run 2e-4 off a straight one after 9 steps).
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         return _train(config, world, device, state, run_dir, runs_dir, progress if world.main else None)
     finally:
         distributed.shutdown(created)
