@@ -255,7 +255,8 @@ def doctor(as_json: bool) -> None:
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Checkpoint to check parity against [default: the source named in the model's metadata].")
 @click.option("--threads", type=int, default=None, help="Intra-op threads on the CPU [default: measured choice].")
-@click.option("--writers", type=int, default=2, show_default=True, help="PNG writer threads.")
+@click.option("--writers", type=int, default=None,
+              help="Worker processes for noise and PNGs [default: the cores inference leaves, at least 2].")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
