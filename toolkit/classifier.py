@@ -24,6 +24,7 @@ KIND = "gantk-classifier"
 FEATURE_DIM = 128
 WIDTH = 16
 NUM_CLASSES = 10
+OUTLIER_WEIGHT = 0.5   # weight of the outlier-exposure term (cross-entropy to the uniform distribution)
 
 
 def build(*, width: int = WIDTH, feature_dim: int = FEATURE_DIM):
@@ -128,7 +129,8 @@ def train(images: np.ndarray, labels: np.ndarray | None, *, epochs: int = 6, hel
         if progress:
             progress({"event": "epoch", "epoch": epoch + 1, "epochs": epochs, "loss": loss, "heldout_accuracy": acc})
     return _state(model, images, labels, n_train=len(tr), n_heldout=len(ho), epochs=epochs, seed=seed,
-                  source=source, heldout_accuracy=accuracy(model, images[ho], labels[ho]))
+                  source=source, heldout_accuracy=accuracy(model, images[ho], labels[ho]),
+                  outlier_exposure=OUTLIER_WEIGHT)
 
 
 def _check_labels(images: np.ndarray, labels: np.ndarray | None) -> None:
@@ -144,7 +146,7 @@ def _check_labels(images: np.ndarray, labels: np.ndarray | None) -> None:
 
 def _epoch(model, opt, sched, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
            rng: np.random.Generator) -> float:
-    """One epoch of cross-entropy with random +-2 px shifts; mean loss."""
+    """One epoch of cross-entropy with random +-2 px shifts, plus outlier exposure; mean loss."""
     import torch
     import torch.nn.functional as F
 
@@ -156,12 +158,32 @@ def _epoch(model, opt, sched, images: np.ndarray, labels: np.ndarray, *, batch_s
         idx = order[i:i + batch_size]
         x = _shift(to_tensor(images[idx]), rng)
         loss = F.cross_entropy(model(x), torch.from_numpy(labels[idx]))
+        model.eval()  # outliers must not move BatchNorm's statistics: the feature space stays the digits'
+        loss = loss + OUTLIER_WEIGHT * -F.log_softmax(model(outliers(len(idx) // 2 + 1, rng)), 1).mean()
+        model.train()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         total += loss.item() * len(idx)
     return total / len(order)
+
+
+def outliers(n: int, rng: np.random.Generator):
+    """(n, 1, 32, 32) images in [-1, 1] that are no digit: uniform pixel noise and random grids of strokes.
+
+    Outlier exposure (Hendrycks et al. 2019): the classifier is trained to give these a uniform
+    softmax, so its confidence means something on inputs that are no digit (without it, uniform
+    noise scored a mean confidence of 1.000). Smooth random blobs were tried too and left out: they
+    pulled blurred digits into the real digits' feature manifold. Blur and other corruptions of real
+    digits are left out on purpose: those are for the metrics to judge, not for the classifier to learn."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    k = n // 2
+    pixels = torch.rand(k, 1, 32, 32, generator=g) * 2 - 1
+    strokes = torch.rand(n - k, 1, 32, 1, generator=g) * torch.rand(n - k, 1, 1, 32, generator=g) > 0.6
+    return torch.cat([pixels, strokes.float() * 2 - 1])
 
 
 def _shift(x, rng: np.random.Generator):

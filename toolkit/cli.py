@@ -490,8 +490,8 @@ def _echo_eval(doc: dict[str, Any]) -> None:
         _echo(f"[{j + 1}] {row['source']}")
     _echo(f"{'':<18}" + "".join(f"{f'[{j + 1}]':>18}" for j in range(len(doc["rows"]))) + f"{'real held-out':>18}")
     for key, label in [("count", "N"), ("fid", "FID"), ("kid", "KID x1000"), ("confidence", "confidence"),
-                       ("class_entropy", "class entropy"), ("precision", "precision"), ("recall", "recall"),
-                       ("memorised", "memorised share")]:
+                       ("recognised", "recognised share"), ("class_entropy", "mode coverage"),
+                       ("precision", "precision"), ("recall", "recall"), ("memorised", "memorised share")]:
         _echo(f"{label:<18}" + "".join(f"{_metric(m, key):>18}" for m in columns))
     for j, row in enumerate(doc["rows"]):
         _echo(f"classes [{j + 1}]       {' '.join(str(c) for c in row['class_hist'])}")

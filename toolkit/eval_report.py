@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 ROWS = [("fid", "FID", "{:.2f}"), ("kid", "KID x1000", "{:.2f}"), ("confidence", "confidence", "{:.3f}"),
-        ("class_entropy", "class entropy", "{:.3f}"), ("precision", "precision", "{:.3f}"),
+        ("recognised", "recognised", "{:.3f}"), ("class_entropy", "mode coverage", "{:.3f}"), ("precision", "precision", "{:.3f}"),
         ("recall", "recall", "{:.3f}"), ("memorised", "memorised", "{:.3f}"), ("count", "N", "{}")]
 
 

@@ -33,6 +33,7 @@ BIASED_BELOW = 5000  # FID at smaller N is noticeably biased upward
 MEMO_QUANTILE = 0.05  # "closer than real held-out digits usually are": their 5th percentile
 PR_MAX = 10_000  # points per side for precision/recall
 KNN_K = 3
+RECOGNISED = 0.5  # top-1 probability from which a sample counts as the digit it looks most like
 DEFAULT_COUNT = 10_000
 
 
@@ -154,8 +155,10 @@ def score(images_uint8: np.ndarray, *, classifier: Classifier | str | Path,
     """Metrics of uint8 digits (N, 32, 32) against `reference` (a Reference, or a data spec).
 
     Returns: count, fid (lower is better), kid and kid_se (lower), confidence (mean top-1, higher),
-    class_entropy (class histogram entropy / log 10, 1 = all digits equally often), class_hist
-    (10 counts), precision and recall (k=3 manifolds, higher), memorised (share of samples closer to
+    class_entropy (mode coverage: the class histogram's entropy / log 10 times the share of samples
+    recognised as a digit, 1 = every sample a recognised digit and all digits equally often; with
+    outlier exposure the classifier recognises no digit in noise), class_hist (10 counts of the
+    recognised samples), recognised (top-1 >= RECOGNISED), precision and recall (k=3 manifolds, higher), memorised (share of samples closer to
     a training-side image than 95% of real held-out digits are; about 0.05 for real held-out digits),
     and warnings (list of str). DataError if there are fewer than MIN_SAMPLES images.
     """
@@ -208,8 +211,12 @@ def _distribution(feats: np.ndarray, ref: Reference, *, seed: int) -> dict[str, 
 
 
 def _classes(probs: np.ndarray) -> dict[str, Any]:
-    hist = M.class_histogram(probs)
-    return {"class_entropy": M.normalised_entropy(hist), "class_hist": [int(c) for c in hist]}
+    """Mode coverage among the samples the classifier recognises as digits (top-1 >= RECOGNISED)."""
+    seen = M.confidence(probs) >= RECOGNISED
+    hist = M.class_histogram(probs[seen])
+    share = float(seen.mean())
+    return {"class_entropy": M.normalised_entropy(hist) * share, "class_hist": [int(c) for c in hist],
+            "recognised": share}
 
 
 def _warnings(n: int) -> list[str]:
