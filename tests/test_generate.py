@@ -193,6 +193,17 @@ def test_damaged_and_missing_files_are_rewritten(exported, tmp_path):
     assert (out / "000012.png").stat().st_mtime_ns == untouched
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_killed_run_resumes_byte_identical(exported, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     args = ["--count", "3000", "--batch-size", "16", "--writers", "1"]
@@ -202,8 +213,13 @@ def test_killed_run_resumes_byte_identical(exported, tmp_path):
     deadline = time.monotonic() + 60
     while len(list(out.glob("*.png"))) < 300 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    workers = _children(proc.pid)  # 3000 images: a process pool
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert workers and not any(map(_alive, workers)), "workers outlived the killed run"
     written = len(list(out.glob("*.png")))
     assert 0 < written < 3000, "the kill has to land mid-run"
     doc = json.loads(gen(exported["onnx"], out, *args, "--json").stdout)

@@ -435,9 +435,23 @@ def executor(workers: int, images: int) -> Executor:
     if images < PROCESS_MIN_IMAGES or "fork" not in multiprocessing.get_all_start_methods():
         return ThreadPoolExecutor(workers, thread_name_prefix="gantk-worker")
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+                               initializer=_worker_init, initargs=(os.getpid(),))
     pool.submit(int).result()  # forks every worker now
     return pool
+
+
+def _worker_init(parent: int) -> None:
+    """Ignore Ctrl-C (the main process stops the pool); die with the main process, so a killed run
+    leaves no worker writing behind the re-run that resumes it (Linux: PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the main process died before prctl took effect
+        os._exit(1)
 
 
 def default_writers(threads: int | None) -> int:
