@@ -53,7 +53,7 @@ NAME_WIDTH = 6
 FORMATS = ("png", "npy")
 CHUNK = 32             # images per writer task
 NOISE_CHUNK = 128      # noise vectors per worker task
-NOISE_AHEAD = 2        # batches whose noise is drawn ahead of inference
+NOISE_AHEAD = 2        # batches whose noise is drawn ahead of inference, at least
 PROCESS_MIN_IMAGES = 2048  # from this many images on, workers are processes (see `executor`)
 FLUSH_SECONDS = 2.0    # manifest checkpoint interval during a run
 GRID_COLS, GRID_MAX = 8, 64
@@ -469,28 +469,31 @@ def _noise_chunk(seed: int, indices: list[int], latent_shape: tuple[int, ...]) -
     return noise(seed, indices, latent_shape), time.perf_counter() - t0
 
 
-def infer_batches(backend, seed: int, todo: list[int], batch_size: int, pool: Executor,
-                  timing: Timing) -> Iterator[tuple[list[int], np.ndarray]]:
-    """(indices, float32 images) per batch; the noise of the next NOISE_AHEAD batches is drawn by `pool`
-    while this one runs.
+def infer_batches(backend, seed: int, todo: list[int], batch_size: int, pool: Executor, timing: Timing,
+                  *, backlog: int = 0) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(indices, float32 images) per batch; the noise of the next batches is drawn by `pool` while this
+    one runs: NOISE_AHEAD batches, or more when the caller keeps up to `backlog` images of other work
+    queued in the same pool, so that a batch's noise never waits behind that queue (seen on the GPU
+    host with 15 workers before: 2.2 of 4.7 s spent waiting for noise).
 
     `timing` gets the noise workers' busy time (noise) and, on this thread, the wait for noise
     (noise_wait) and the backend call (inference)."""
     batches = [todo[lo:lo + batch_size] for lo in range(0, len(todo), batch_size)]
+    depth = max(NOISE_AHEAD, -(-backlog // batch_size) + 1)
     ahead: collections.deque = collections.deque()
 
     def draw(idx: list[int]) -> None:
         ahead.append([pool.submit(_noise_chunk, seed, idx[lo:lo + NOISE_CHUNK], backend.latent_shape)
                       for lo in range(0, len(idx), NOISE_CHUNK)])
 
-    for idx in batches[:NOISE_AHEAD]:
+    for idx in batches[:depth]:
         draw(idx)
     for b, idx in enumerate(batches):
         with timing("noise_wait"):
             parts = [f.result() for f in ahead.popleft()]
         timing["noise"] += sum(sec for _, sec in parts)
-        if b + NOISE_AHEAD < len(batches):
-            draw(batches[b + NOISE_AHEAD])
+        if b + depth < len(batches):
+            draw(batches[b + depth])
         with timing("inference"):
             x = backend(np.concatenate([z for z, _ in parts]))
         yield idx, x
@@ -520,8 +523,10 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
     existing = {i for i in todo if (folder.path / file_name(i)).exists()}  # left by a crash, or damaged
     pending: collections.deque = collections.deque()
 
+    queued = 4 * req.writers  # PNG tasks kept in flight
+
     def settle(block: bool) -> None:
-        while pending and (block or pending[0].done() or len(pending) > 4 * req.writers):
+        while pending and (block or pending[0].done() or len(pending) > queued):
             with timing("png_wait"):
                 done, busy = pending.popleft().result()
             timing["png_writers"] += busy
@@ -531,7 +536,8 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
             progress({"event": "written", "n": len(done)})
 
     try:
-        for idx, x in infer_batches(backend, req.seed, todo, req.batch_size, pool, timing):
+        for idx, x in infer_batches(backend, req.seed, todo, req.batch_size, pool, timing,
+                                    backlog=(queued + 1) * CHUNK + req.batch_size):
             for lo in range(0, len(idx), CHUNK):
                 chunk = idx[lo:lo + CHUNK]
                 pending.append(pool.submit(_write_chunk, folder.path, chunk, x[lo:lo + CHUNK],
