@@ -133,3 +133,29 @@ def test_gpu_section_parity_catches_a_wrong_fold(checkpoint, monkeypatch):
     sec = bench_gpu.gpu_section(g, {}, device="cpu", batch_sizes=(8,), repeats=1, min_seconds=0.001, peak_n=32)
     folded = [r for r in sec["rows"] if r["route"] == "torch folded+cl" and r["precision"] == "fp32"]
     assert folded and folded[0]["max_abs_diff"] > TOLERANCE["fp32"]
+
+
+@pytest.mark.gpu
+def test_gpu_section_and_end_to_end_on_cuda(checkpoint, tmp_path):
+    import onnxruntime as ort
+
+    from gantk import bench as bench_mod
+    from gantk import bench_gpu
+    from gantk.checkpoint import generator_from, load
+
+    g = generator_from(load(checkpoint)).eval()
+    files = bench_mod._exports(checkpoint, None, tmp_path)
+    sec = bench_gpu.gpu_section(g, files, batch_sizes=(64, 256), repeats=1, min_seconds=0.01, peak_n=1024)
+    routes = {(r["route"], r["precision"]) for r in sec["rows"]}
+    assert {("torch eager", "fp32"), ("torch eager", "tf32"), ("torch folded+cl", "fp16")} <= routes
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert ("onnxruntime cuda", "fp32") in routes
+    for r in sec["rows"]:
+        assert r["images_per_s"] > 0
+        if r["precision"] == "fp32":  # TF32 off on every fp32 route
+            assert r["max_abs_diff"] <= TOLERANCE["fp32"], r
+        elif r["precision"] in ("tf32", "fp16"):
+            assert r["max_abs_diff"] <= TOLERANCE["fp16"], r
+    rows = bench_gpu.gpu_end_to_end(files, checkpoint, tmp_path, count=2500, batch_sizes=(256,), writers=(2,))
+    assert [(r["format"], r["parity"]) for r in rows] == [("png", "passed"), ("npy", "passed")]
+    assert all(r["provider"] == "cuda" and r["timing"]["inference"] > 0 for r in rows)
