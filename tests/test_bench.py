@@ -157,5 +157,7 @@ def test_gpu_section_and_end_to_end_on_cuda(checkpoint, tmp_path):
         elif r["precision"] in ("tf32", "fp16"):
             assert r["max_abs_diff"] <= TOLERANCE["fp16"], r
     rows = bench_gpu.gpu_end_to_end(files, checkpoint, tmp_path, count=2500, batch_sizes=(256,), writers=(2,))
-    assert [(r["format"], r["parity"]) for r in rows] == [("png", "passed"), ("npy", "passed")]
+    parity = "passed" if "CUDAExecutionProvider" in ort.get_available_providers() else "not-applicable"
+    assert [(r["format"], r["parity"]) for r in rows] == [("png", parity), ("npy", parity)]  # else torch backend
     assert all(r["provider"] == "cuda" and r["timing"]["inference"] > 0 for r in rows)
+    assert not list(tmp_path.glob("gpu-*"))  # each run's 2,500 files removed after it

@@ -147,7 +147,7 @@ def test_train_cli_writes_a_complete_run_folder(tmp_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "img_per_s", "elapsed_s",
-                            "fid", "kid", "precision", "recall", "class_entropy", "confidence"}
+                            "fid", "kid", "precision", "recall", "class_entropy", "recognised", "confidence"}
     assert rows[0]["fid"] == ""  # no evaluation asked for
     state = ckpt.load(run / "checkpoints" / "last.pt")
     assert state["step"] == 4 and state["config"]["arch"] == "seed" and state["latent_shape"] == [1, 6, 6]
@@ -387,3 +387,22 @@ def test_cuda_training_resumes_exactly(tmp_path):
 def test_cuda_amp_trains(tmp_path):
     s = train(tiny(device="cuda", amp=True, max_steps=4), runs_dir=tmp_path)
     assert s["steps"] == 4 and ckpt.load(s["checkpoint"])["scaler"] is not None
+
+
+def test_resume_rewrites_a_metrics_file_with_older_columns(tmp_path):
+    """A run started by an older gantk (fewer metric columns) resumes into a well-formed metrics.csv."""
+    from gantk.train import METRICS
+
+    first = train(tiny(max_steps=4), runs_dir=tmp_path)
+    path = Path(first["run_dir"]) / "metrics.csv"
+    rows = list(csv.DictReader(open(path)))
+    old = [c for c in METRICS if c != "recognised"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, old, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    train(tiny(), resume=Path(first["checkpoint"]))
+    with open(path, newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == METRICS and all(len(r) == len(METRICS) for r in table)
+    assert [int(r[0]) for r in table[1:]] == [2, 4, 6]

@@ -180,7 +180,7 @@ def analyse(images: np.ndarray, *, classifier: Classifier, reference: Reference,
     conf = M.confidence(probs)
     out = {"count": len(images), **_distribution(feats, reference, seed=seed), **_classes(probs),
            "confidence": float(conf.mean()), "memorised": float((nn_dist < reference.threshold).mean()),
-           "warnings": _warnings(len(images))}
+           "warnings": _warnings(len(images), classifier)}
     return Analysis(images, out, conf, probs.argmax(1), nn_dist, nn_idx)
 
 
@@ -219,11 +219,16 @@ def _classes(probs: np.ndarray) -> dict[str, Any]:
             "recognised": share}
 
 
-def _warnings(n: int) -> list[str]:
-    if n >= BIASED_BELOW:
-        return []
-    return [f"FID is biased upward at small sample counts (N={n} < {BIASED_BELOW}): "
-            "compare FID only between sets of the same N"]
+def _warnings(n: int, classifier: Classifier) -> list[str]:
+    out = []
+    if n < BIASED_BELOW:
+        out.append(f"FID is biased upward at small sample counts (N={n} < {BIASED_BELOW}): "
+                   "compare FID only between sets of the same N")
+    if "outlier_exposure" not in classifier.meta:
+        out.append("this classifier was trained without outlier exposure: it is confident on images that are "
+                   "no digit, so confidence, recognised share and mode coverage overrate them; retrain it "
+                   "with `gantk classifier train`")
+    return out
 
 
 def heldout_row(reference: Reference, classifier: Classifier, *, seed: int = 0) -> Analysis:

@@ -32,10 +32,11 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -55,6 +56,7 @@ CHUNK = 32             # images per writer task
 NOISE_CHUNK = 128      # noise vectors per worker task
 NOISE_AHEAD = 2        # batches whose noise is drawn ahead of inference, at least
 PROCESS_MIN_IMAGES = 2048  # from this many images on, workers are processes (see `executor`)
+MAX_WRITERS = 16
 FLUSH_SECONDS = 2.0    # manifest checkpoint interval during a run
 GRID_COLS, GRID_MAX = 8, 64
 
@@ -432,11 +434,16 @@ def executor(workers: int, images: int) -> Executor:
     Processes are forked (as torch's DataLoader does on Linux: no re-import of the caller's main
     module) and all started here, before the backend brings its own threads; they ignore Ctrl-C, so the
     main process can stop them after recording what they finished."""
-    if images < PROCESS_MIN_IMAGES or "fork" not in multiprocessing.get_all_start_methods():
-        return ThreadPoolExecutor(workers, thread_name_prefix="gantk-worker")
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_worker_init, initargs=(os.getpid(),))
-    pool.submit(int).result()  # forks every worker now
+    threads = lambda: ThreadPoolExecutor(workers, thread_name_prefix="gantk-worker")  # noqa: E731
+    if images < PROCESS_MIN_IMAGES or not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
+        return threads()  # a daemonic process (a DataLoader worker, say) may not have children
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+        pool.submit(int).result()  # forks every worker now
+    except (OSError, ImportError, BrokenExecutor) as e:
+        log.warning("worker processes did not start (%s); using threads", e)
+        return threads()
     return pool
 
 
@@ -455,13 +462,16 @@ def _worker_init(parent: int) -> None:
 
 
 def default_writers(threads: int | None) -> int:
-    """Workers for noise and PNGs: every core the inference threads leave, at least 2.
+    """Workers for noise and PNGs: the cores this process may use (its share under torchrun) less the
+    inference threads, at least 2 and at most MAX_WRITERS.
 
     Measured with onnxruntime CUDA on a 16-core H200 host (benchmarks/gpu_checks.sh e2e, 100,000 PNGs,
     2026-11-29): 2 / 8 / 15 workers 7,896 / 18,056 / 21,278 img/s. On the 2-core CPU machine: 2."""
     from .backends import default_threads
 
-    return max(2, (os.cpu_count() or 1) - (threads or default_threads()))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(MAX_WRITERS, max(2, cores - (threads or default_threads())))
 
 
 def _noise_chunk(seed: int, indices: list[int], latent_shape: tuple[int, ...]) -> tuple[np.ndarray, float]:
@@ -643,25 +653,33 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
 
 
 def _generate(req, model, backend, provider, threads, progress, world) -> dict[str, Any]:
+    check_request(req)
+    check_out(Path(req.out))
+    req = dataclasses.replace(req, writers=req.writers or default_writers(threads))
+    with executor(req.writers, len(req.indices())) as pool:  # before the backend: see `executor`
+        try:
+            return _open_and_write(req, model, backend, provider, threads, progress, world, pool)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # drop noise drawn ahead; finish what runs
+            raise
+
+
+def _open_and_write(req, model, backend, provider, threads, progress, world, pool) -> dict[str, Any]:
     from .backends import open_backend
     from .checkpoint import sha256
 
-    check_request(req)
     out = Path(req.out)
-    check_out(out)
-    req = dataclasses.replace(req, writers=req.writers or default_writers(threads))
-    with executor(req.writers, len(req.indices())) as pool:  # before the backend: see `executor`
-        be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=threads)
-        identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
-                    "latent_shape": list(be.latent_shape)}
-        folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
-        folder.writer = world.main
-        if out.is_dir():
-            _refuse_foreign(folder, [SUMMARY, GRID, npy_name(req)])
-        todo, kept = plan_pngs(folder, req.indices(), replaced) if req.fmt == "png" and out.is_dir() \
-            else (list(req.indices()), 0)
-        parity = parity_check(be, req)
-        return _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
+    be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=threads)
+    identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
+                "latent_shape": list(be.latent_shape)}
+    folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
+    folder.writer = world.main
+    if out.is_dir():
+        _refuse_foreign(folder, [SUMMARY, GRID, npy_name(req)])
+    todo, kept = plan_pngs(folder, req.indices(), replaced) if req.fmt == "png" and out.is_dir() \
+        else (list(req.indices()), 0)
+    parity = parity_check(be, req)
+    return _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
 
 
 def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool) -> dict[str, Any]:
@@ -684,7 +702,7 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
     else:
         stats = write_npy(be, req, folder, pool, progress, timing)
     seconds = time.perf_counter() - t0
-    stats["timing"] = timing.report()
+    stats["timing"] = timing.report()  # under torchrun the summary keeps rank 0's
     if world.active:
         stats, kept, parity, seconds = _merge_ranks(world, folder, stats, kept, parity, seconds)
         if not world.main:

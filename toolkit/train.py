@@ -30,7 +30,7 @@ from .errors import CheckpointError, DataError, DivergedError, GantkError, Inter
 
 log = logging.getLogger("gantk.train")
 
-EVAL_METRICS = ["fid", "kid", "precision", "recall", "class_entropy", "confidence"]
+EVAL_METRICS = ["fid", "kid", "precision", "recall", "class_entropy", "recognised", "confidence"]
 METRICS = ["step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "img_per_s", "elapsed_s", *EVAL_METRICS]
 GRID = 100  # samples per grid, 10x10
 
@@ -308,15 +308,22 @@ class RunFolder:
             csv.writer(f).writerow(METRICS)
 
     def truncate_metrics(self, step: int) -> None:
-        """Keep metrics rows up to `step` (rows after the checkpoint belong to lost work)."""
+        """Keep metrics rows up to `step` (rows after the checkpoint belong to lost work); a file with
+        another set of columns (written by an older gantk) is rewritten with today's."""
         rows = self.read_metrics()
         keep = [r for r in rows if int(r["step"]) <= step]
-        if len(keep) != len(rows) or not self.metrics.exists():
+        if len(keep) != len(rows) or self._header() != METRICS:
             buf = io.StringIO()
             writer = csv.DictWriter(buf, METRICS, restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(keep)
             ckpt.atomic_write_bytes(self.metrics, buf.getvalue().encode())
+
+    def _header(self) -> list[str] | None:
+        if not self.metrics.exists():
+            return None
+        with open(self.metrics, newline="") as f:
+            return next(csv.reader(f), None)
 
     def read_metrics(self) -> list[dict[str, str]]:
         if not self.metrics.exists():
@@ -407,6 +414,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     if config.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
     created = distributed.init(world, device.type)
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
         if device.type == "cuda":
             if world.active:
@@ -417,6 +425,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         return _train(config, world, device, state, run_dir, runs_dir, progress if world.main else None)
     finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
         distributed.shutdown(created)
 
 
