@@ -451,3 +451,30 @@ def test_gpu_torch_backend_fixed_batch_split_invariant(exported, tmp_path):
     same = sum(pngs(tmp_path / "a")[n] == b for n, b in pngs(tmp_path / "cpu").items())
     print(f"torch cuda vs cpu: {same}/300 PNGs byte-identical")
     assert same >= 285
+
+
+def test_default_writers_follow_the_cores_this_process_may_use(monkeypatch):
+    from gantk import generate as generate_mod
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert generate_mod.default_writers(4) == generate_mod.MAX_WRITERS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 ranks share the node's 64 cores
+    assert generate_mod.default_writers(4) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert generate_mod.default_writers(1) == 2
+
+
+def test_workers_are_threads_where_processes_cannot_be(monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    from gantk import generate as generate_mod
+
+    with generate_mod.executor(2, 10) as small:
+        assert isinstance(small, ThreadPoolExecutor)
+    with generate_mod.executor(2, generate_mod.PROCESS_MIN_IMAGES) as big:
+        assert isinstance(big, ProcessPoolExecutor)
+    monkeypatch.setattr(generate_mod.sys, "platform", "darwin")
+    with generate_mod.executor(2, generate_mod.PROCESS_MIN_IMAGES) as elsewhere:
+        assert isinstance(elsewhere, ThreadPoolExecutor)
