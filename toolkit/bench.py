@@ -90,15 +90,13 @@ def _exports(checkpoint: Path, onnx: Path | None, work: Path) -> dict[str, Path]
 # ------------------------------------------------------------------------------------------ paths
 
 
-def _torch_runner(module, threads: int, device: str = "cpu") -> Runner:
+def _torch_runner(module, threads: int) -> Runner:
     import torch
 
     def run(z: np.ndarray) -> np.ndarray:
-        if device == "cpu":
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
         with torch.inference_mode():
-            out = module(torch.from_numpy(z).to(device))
-            return out.float().cpu().numpy()
+            return module(torch.from_numpy(z)).float().numpy()
 
     return run
 

@@ -158,8 +158,9 @@ def score(images_uint8: np.ndarray, *, classifier: Classifier | str | Path,
     class_entropy (mode coverage: the class histogram's entropy / log 10 times the share of samples
     recognised as a digit, 1 = every sample a recognised digit and all digits equally often; with
     outlier exposure the classifier recognises no digit in noise), class_hist (10 counts of the
-    recognised samples), recognised (top-1 >= RECOGNISED), precision and recall (k=3 manifolds, higher), memorised (share of samples closer to
-    a training-side image than 95% of real held-out digits are; about 0.05 for real held-out digits),
+    recognised samples), recognised (share with top-1 >= RECOGNISED), precision and recall (k=3
+    manifolds, higher), memorised (share of samples closer to a training-side image than 95% of real
+    held-out digits are; about 0.05 for real held-out digits),
     and warnings (list of str). DataError if there are fewer than MIN_SAMPLES images.
     """
     if not isinstance(classifier, Classifier):
@@ -178,7 +179,7 @@ def analyse(images: np.ndarray, *, classifier: Classifier, reference: Reference,
     feats, probs = features if features is not None else classifier.predict(images)
     nn_dist, nn_idx = M.nearest(_flat(images), reference.pixels)
     conf = M.confidence(probs)
-    out = {"count": len(images), **_distribution(feats, reference, seed=seed), **_classes(probs),
+    out = {"count": len(images), **_distribution(feats, reference, seed=seed), **_classes(probs, conf),
            "confidence": float(conf.mean()), "memorised": float((nn_dist < reference.threshold).mean()),
            "warnings": _warnings(len(images), classifier)}
     return Analysis(images, out, conf, probs.argmax(1), nn_dist, nn_idx)
@@ -210,9 +211,9 @@ def _distribution(feats: np.ndarray, ref: Reference, *, seed: int) -> dict[str, 
             "precision": precision, "recall": recall}
 
 
-def _classes(probs: np.ndarray) -> dict[str, Any]:
-    """Mode coverage among the samples the classifier recognises as digits (top-1 >= RECOGNISED)."""
-    seen = M.confidence(probs) >= RECOGNISED
+def _classes(probs: np.ndarray, conf: np.ndarray) -> dict[str, Any]:
+    """Mode coverage among the samples the classifier recognises as digits (top-1 `conf` >= RECOGNISED)."""
+    seen = conf >= RECOGNISED
     hist = M.class_histogram(probs[seen])
     share = float(seen.mean())
     return {"class_entropy": M.normalised_entropy(hist) * share, "class_hist": [int(c) for c in hist],
