@@ -101,10 +101,10 @@ def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
 
 
 @pytest.mark.parametrize("args", [["--batch-sizes", "0,8"], ["--batch-sizes", "a"], ["--repeats", "0"],
-                                  ["--threads", "0"]])
+                                  ["--threads", "0"], ["--gpu-batch-sizes", "0,4"], ["--gpu-count", "-1"]])
 def test_bench_bad_input_exit_2(args, tmp_path):
     res = CliRunner().invoke(cli, ["bench", "--runs-dir", str(tmp_path), *args])
-    assert res.exit_code == 2, res.output
+    assert res.exit_code == 2 and args[0] in res.stderr, res.output  # the message names the option
 
 
 def test_gpu_section_runs_on_the_cpu_with_parity(checkpoint, tmp_path):

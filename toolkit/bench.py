@@ -277,7 +277,10 @@ def bench(*, model: Path | None = None, checkpoint: Path | None = None, runs_dir
 
     progress = progress or (lambda msg: None)
     _check(batch_sizes=batch_sizes, repeats=repeats, count=count, threads=threads)
-    _check(batch_sizes=gpu_batch_sizes or BATCHES, repeats=repeats, count=gpu_count or E2E_COUNT, threads=None)
+    if gpu_batch_sizes is not None and (not gpu_batch_sizes or min(gpu_batch_sizes) < 1):
+        raise UsageError(f"--gpu-batch-sizes must be positive, got {gpu_batch_sizes}")
+    if gpu_count is not None and gpu_count < 1:
+        raise UsageError(f"--gpu-count must be at least 1, got {gpu_count}")
     gpu = {"batch_sizes": tuple(gpu_batch_sizes or BATCHES), "count": gpu_count or E2E_COUNT} \
         if torch.cuda.is_available() else None
     threads = tuple(threads or _thread_counts(default_threads()))
