@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from gantk.cli import cli
+from gantk.errors import GantkError
 from gantk.generate import Request, noise, parity_indices, to_pixels
 
 
@@ -87,6 +88,55 @@ def test_split_range_and_shards_equal_one_run(exported, tmp_path):
     manifest = (tmp_path / "one" / "manifest.json").read_bytes()
     assert (tmp_path / "split" / "manifest.json").read_bytes() == manifest
     assert (tmp_path / "shards" / "manifest.json").read_bytes() == manifest
+
+
+def test_shards_running_at_once_into_one_folder_equal_one_run(exported, tmp_path):
+    """As on several machines over a shared filesystem: no manifest entry and no in-flight file is lost."""
+    cmd = [sys.executable, "-m", "gantk", "generate", "--model", str(exported["onnx"]), "--out",
+           str(tmp_path / "shards"), "-q", "--count", "3000"]
+    procs = [subprocess.Popen([*cmd, "--shard", f"{k}/3"], stderr=subprocess.PIPE) for k in range(3)]
+    errors = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    gen(exported["onnx"], tmp_path / "one", "--count", "3000")
+    assert (tmp_path / "shards" / "manifest.json").read_bytes() == (tmp_path / "one" / "manifest.json").read_bytes()
+    assert pngs(tmp_path / "shards") == pngs(tmp_path / "one")
+
+
+def test_manifest_flush_takes_in_what_another_run_recorded(tmp_path):
+    from gantk.generate import Folder, read_manifest
+
+    ident = {"model_sha256": "a", "seed": 0, "format": "png", "latent_shape": [1]}
+    a, b = Folder(tmp_path, ident), Folder(tmp_path, ident)  # both opened before either wrote
+    a.files[0] = {"file": "000000.png", "sha256": "x0"}
+    a.flush()
+    b.files[1] = {"file": "000001.png", "sha256": "x1"}
+    b.flush()
+    a.files[2] = {"file": "000002.png", "sha256": "x2"}
+    a.flush()
+    assert [r["index"] for r in read_manifest(tmp_path)["files"]] == [0, 1, 2]
+    other = Folder(tmp_path, {**ident, "seed": 1})
+    other.files[5] = {"file": "000005.png", "sha256": "y"}
+    with pytest.raises(GantkError, match="different model/seed/format"):
+        other.flush()
+    assert [r["index"] for r in read_manifest(tmp_path)["files"]] == [0, 1, 2]
+
+
+def test_temp_files_of_live_runs_survive_the_cleanup(tmp_path):
+    from gantk.generate import TMP_PREFIX, _clean_temps
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        names = [f"{TMP_PREFIX}000001.png-{live.pid}-7", f"{TMP_PREFIX}000002.png-{dead.pid}-7",
+                 f"{TMP_PREFIX}000003.png-{os.getpid()}-7", f"{TMP_PREFIX}probe-x1y2"]
+        for n in names:
+            (tmp_path / n).write_bytes(b"")
+        _clean_temps(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == names[:1]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_torch_backends_batch_independent_and_close_to_onnx(exported, tmp_path):

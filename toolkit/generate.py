@@ -10,7 +10,8 @@ one fixed shape with padding (torch, CUDA), so the PNG bytes of image i are the 
 
 Shards. `shard=(k, n)` takes every index i of [start, start + count) with i % n == k (strided, so
 every shard gets an equal share of any range). n machines running shards 0..n-1 into one folder each,
-or one after another into the same folder, write exactly the files of the unsharded run.
+one after another into the same folder, or at once into one shared folder (the manifest is updated
+under a lock on the folder), write exactly the files of the unsharded run.
 
 The output folder holds `<index:06d>.png` (or one `images-<first>-<stop>[-shard<k>of<n>].npy`),
 `manifest.json` (identity: model sha256, seed, format; then index, file, sha256 per image) and
@@ -218,6 +219,7 @@ class Folder:
     files: dict[int, dict[str, str]] = field(default_factory=dict)
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
     claimed: bool = False       # a manifest of this identity existed when the run started
+    replaces: dict[str, Any] | None = None  # the identity --overwrite replaces
     writer: bool = True         # under torchrun only rank 0 writes the manifest
     _next_flush: float = 0.0
 
@@ -228,19 +230,54 @@ class Folder:
         return (head[:-1] + ', "files": [\n' + ",\n".join(rows) + "\n]}\n").encode()
 
     def flush(self, *, force: bool = True) -> bool:
-        """Write manifest.json if its bytes changed; False when nothing needed writing."""
+        """Write manifest.json if its bytes changed; False when nothing needed writing.
+
+        Runs writing into the same folder at once (shards on several machines over a shared filesystem)
+        take turns under a lock on the folder, and each first takes in what the others recorded."""
         from .checkpoint import atomic_write_bytes
 
         if not self.writer or (not force and time.monotonic() < self._next_flush):
             return False
         started = time.monotonic()
-        data, path = self.to_bytes(), self.path / MANIFEST
-        if path.is_file() and path.read_bytes() == data:
-            return False
-        atomic_write_bytes(path, data)
+        path = self.path / MANIFEST
+        with _locked(self.path):
+            self._take_in(read_manifest(self.path))
+            data = self.to_bytes()
+            if path.is_file() and path.read_bytes() == data:
+                return False
+            atomic_write_bytes(path, data)
         cost = time.monotonic() - started  # a huge manifest is flushed less often, never >10% of the time
         self._next_flush = time.monotonic() + max(FLUSH_SECONDS, 10 * cost)
         return True
+
+
+    def _take_in(self, doc: dict[str, Any] | None) -> None:
+        """Entries another run of this identity recorded on disk since this one read the manifest."""
+        if doc is None or doc["identity"] == self.replaces:
+            return
+        if doc["identity"] != self.identity:
+            raise GantkError(f"{self.path}: another gantk generate of a different model/seed/format took this "
+                             f"folder while this run wrote into it; its files and manifest are left as they are")
+        for row in doc.get("files", []):
+            self.files.setdefault(int(row["index"]), {"file": row["file"], "sha256": row["sha256"]})
+        for a in doc.get("arrays", []):
+            self.arrays.setdefault(a["file"], a)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file left behind); a no-op where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
@@ -265,7 +302,7 @@ def open_folder(out: Path, identity: dict[str, Any], *, overwrite: bool) -> tupl
         if not overwrite:
             raise UsageError(f"{out} holds output of another model/seed/format ({_differs(doc['identity'], identity)}); "
                              f"use another --out, or --overwrite to replace gantk's files there")
-        return Folder(out, identity, claimed=True), doc
+        return Folder(out, identity, claimed=True, replaces=doc["identity"]), doc
     files = {int(r["index"]): {"file": r["file"], "sha256": r["sha256"]} for r in doc.get("files", [])}
     arrays = {a["file"]: a for a in doc.get("arrays", [])}
     return Folder(out, identity, files, arrays, claimed=True), None
@@ -320,8 +357,28 @@ def _drop_replaced(out: Path, old: dict | None) -> int:
 
 
 def _clean_temps(out: Path) -> None:
+    """Remove the temp files of runs that died; a live run's (its pid is in the name) are left alone."""
     for p in out.glob(TMP_PREFIX + "*"):
-        p.unlink(missing_ok=True)
+        if not _alive(_temp_pid(p.name)):
+            p.unlink(missing_ok=True)
+
+
+def _temp_pid(name: str) -> int | None:
+    """The writer's pid in `_write_atomic`'s temp name (<prefix><file>-<pid>-<thread>), None in others."""
+    parts = name.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None or pid == os.getpid():  # this process has no writes in flight yet
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------ parity
