@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from gantk import bench as bench_mod
+from gantk.backends import cores
 from gantk.cli import cli
 from gantk.exporters import fold
 from gantk.exporters.validate import TOLERANCE, compare
@@ -87,10 +88,12 @@ def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    routes = {(r["route"], r["precision"]) for r in doc["rows"]}
-    assert {("torch eager", "fp32"), ("torch folded+cl", "fp32"), ("torch-bf16", "bf16"), ("torchscript", "fp32"),
-            ("onnxruntime", "fp32"), ("onnxruntime", "fp16")} <= routes
+    routes = {(r["route"], r["precision"], r["streams"]) for r in doc["rows"]}
+    streams = {("onnxruntime", "fp32", cores())} if cores() > 1 else set()
+    assert {("torch eager", "fp32", 1), ("torch folded+cl", "fp32", 1), ("torch-bf16", "bf16", 1),
+            ("torchscript", "fp32", 1), ("onnxruntime", "fp32", 1), ("onnxruntime", "fp16", 1)} | streams == routes
     assert len(doc["rows"]) == 2 * len(routes) and all(r["images_per_s"] > 0 for r in doc["rows"])
+    assert all(r["peak_share"] > 0 for r in doc["rows"])  # the streams' peak is timed at all their threads
     for r in doc["rows"]:
         atol = {"fp32": TOLERANCE["fp32"], "bf16": BF16_ATOL, "fp16": TOLERANCE["fp16"]}[r["precision"]]
         assert r["max_abs_diff"] <= atol, r

@@ -74,6 +74,38 @@ def test_batch_size_independence(exported, tmp_path):
     assert (tmp_path / "b1" / "manifest.json").read_bytes() == (tmp_path / "b256" / "manifest.json").read_bytes()
 
 
+def test_streams_write_the_bytes_of_one_run(exported, tmp_path):
+    """Concurrent 1-thread runs on slices of each batch (the npy default) change no byte."""
+    gen(exported["onnx"], tmp_path / "s1", "--count", "40", "--streams", "1")
+    gen(exported["onnx"], tmp_path / "s3", "--count", "40", "--streams", "3", "--batch-size", "16")
+    assert pngs(tmp_path / "s1") == pngs(tmp_path / "s3")
+    settings = json.loads((tmp_path / "s3" / "summary.json").read_text())["settings"]
+    assert (settings["streams"], settings["intra_op_num_threads"]) == (3, 1)
+    r = gen(exported["onnx"], tmp_path / "npy", "--count", "40", "--format", "npy", "--json")
+    from PIL import Image
+
+    from gantk.backends import cores
+
+    assert np.array_equal(np.load(next((tmp_path / "npy").glob("*.npy"))),
+                          np.stack([np.asarray(Image.open(tmp_path / "s1" / f"{i:06d}.png")) for i in range(40)]))
+
+    assert json.loads(r.stdout)["settings"]["streams"] == cores()
+
+
+def test_cpu_plan_defaults(monkeypatch):
+    from gantk import backends
+
+    monkeypatch.setattr(backends, "cores", lambda: 2)
+    assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 1)
+    assert backends.cpu_plan("onnxruntime", None, None, fmt="npy") == (1, 2)
+    assert backends.cpu_plan("onnxruntime", 2, None) == (2, 1)
+    assert backends.cpu_plan("torch", None, None, fmt="npy") == (1, 1)
+    monkeypatch.setattr(backends, "cores", lambda: 16)
+    assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 4)
+    assert backends.cpu_plan("onnxruntime", None, None, fmt="npy") == (1, 16)
+    assert backends.cpu_plan("torchscript", None, None) == (4, 1)
+
+
 def test_split_range_and_shards_equal_one_run(exported, tmp_path):
     gen(exported["onnx"], tmp_path / "one", "--count", "30", "--start", "5")
     gen(exported["onnx"], tmp_path / "split", "--count", "12", "--start", "5")
@@ -380,7 +412,8 @@ def test_parity_indices_spread_over_the_range():
 @pytest.mark.parametrize("args, needle", [
     (["--count", "0"], "--count"), (["--count", "-3"], "--count"), (["--count", "many"], "many"),
     (["--batch-size", "0"], "--batch-size"), (["--start", "-1"], "--start"), (["--shard", "3/3"], "shard"),
-    (["--shard", "x"], "shard"), (["--seed", "-1"], "--seed"),
+    (["--shard", "x"], "shard"), (["--seed", "-1"], "--seed"), (["--streams", "0"], "--streams"),
+    (["--threads", "-2"], "--threads"), (["--streams", "2", "--backend", "torchscript"], "--streams"),
 ])
 def test_bad_numbers_exit_2_and_write_nothing(exported, tmp_path, args, needle):
     r = gen(exported["onnx"], tmp_path / "out", *args, code=2)
@@ -404,16 +437,23 @@ def test_non_gantk_models_exit_2(exported, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_unavailable_provider_exit_2(exported, tmp_path):
+def test_unavailable_provider_exit_2(exported, tmp_path, monkeypatch):
     import torch
+
+    from gantk import backends
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     for p in ("cuda", "tensorrt"):
         r = gen(exported["onnx"], tmp_path / "o", "--provider", p, "--count", "3", code=2)
         assert f"provider {p} requested" in r.stderr and "CUDA" in r.stderr
+    monkeypatch.setattr(backends, "NVIDIA_GPUS", str(tmp_path / "gpus"))  # a machine without a GPU: quiet
     r = gen(exported["onnx"], tmp_path / "o", "--provider", "auto", "--count", "3", "--json")
-    assert json.loads(r.stdout)["provider"] == "cpu" and "running on the CPU" in r.stderr
+    assert json.loads(r.stdout)["provider"] == "cpu" and r.stderr == ""
+    (tmp_path / "gpus" / "0000:01:00.0").mkdir(parents=True)  # one the driver sees but CUDA cannot use: said
+    r = gen(exported["onnx"], tmp_path / "o2", "--provider", "auto", "--count", "3", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["provider"] == "cpu" and "running on the CPU" in r.stderr and doc["warnings"]
 
 
 def test_out_is_a_file_exit_2_and_read_only_exit_1(exported, tmp_path):

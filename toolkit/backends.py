@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -55,9 +56,15 @@ class Backend:
         return self.run(np.ascontiguousarray(z, dtype=np.float32))
 
 
+def cores() -> int:
+    """The cores this process may use: its CPU affinity, divided among the ranks of a torchrun node."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def default_threads() -> int:
-    """onnxruntime/torch intra-op threads: one on a machine of at most 2 cores, else leave one core to the
-    PNG writers (at most 4).
+    """The cores inference takes while PNG writers run: one on a machine of at most 2 cores, else all but
+    one (at most 4). The torch backends use them as intra-op threads, onnxruntime as streams.
 
     Measured on the quiet 2-core dev CPU with benchmarks/bench_generate.py, generate --count 10000 to
     PNGs with 2 writer threads, 1 vs 2 intra-op threads (2026-11-27): trained MNIST dcgan 4198 vs 4109
@@ -66,13 +73,16 @@ def default_threads() -> int:
     moves onnxruntime on the CPU (4576/4556/4530 img/s at 1/64/256 on the dcgan), so generate keeps
     256; the torch routes peak near 64 (FIXED_BATCH).
     """
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 2 else min(4, cores - 1)
+    n = cores()
+    return 1 if n <= 2 else min(4, n - 1)
 
 
 def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_size: int = 256,
-                 threads: int | None = None) -> Backend:
-    """Load `path` as backend `kind`; UsageError/CheckpointError before anything runs if it cannot."""
+                 threads: int | None = None, streams: int | None = None) -> Backend:
+    """Load `path` as backend `kind`; UsageError/CheckpointError before anything runs if it cannot.
+
+    `streams` (onnxruntime on the CPU): that many concurrent runs, each on its own slice of the batch
+    with `threads` intra-op threads (OpenVINO's throughput streams; see `default_streams`)."""
     if kind not in BACKENDS:
         raise UsageError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")
     if provider not in PROVIDERS:
@@ -80,9 +90,31 @@ def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_s
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
-    threads = threads or default_threads()
-    opener = {"onnxruntime": _open_onnx, "torchscript": _open_torchscript, "torch": _open_torch}[kind]
+    threads, streams = cpu_plan(kind, threads, streams)
+    if kind == "onnxruntime":
+        return _open_onnx(path, provider=provider, batch_size=batch_size, threads=threads, streams=streams)
+    opener = {"torchscript": _open_torchscript, "torch": _open_torch}[kind]
     return opener(path, provider=provider, batch_size=batch_size, threads=threads)
+
+
+def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = "png") -> tuple[int, int]:
+    """(intra-op threads, streams) for backend `kind` on the CPU, defaults filled in.
+
+    onnxruntime's default is one thread per stream, as many streams as inference gets cores: all of them
+    for `.npy` (no PNGs to write), `default_threads()` for PNGs. Streams use the cores better than
+    intra-op threads: on the 2-core CPU, 2 streams of 1 thread ran at 88% of the 2-thread fp32 matmul
+    peak, 1 stream of 2 threads at 62% (2026-11-30, BENCHMARKS.md); generate --count 10000 --format npy
+    3,734 against 2,575 img/s. Only measured on 2 cores."""
+    for name, v in (("--threads", threads), ("--streams", streams)):
+        if v is not None and v < 1:
+            raise UsageError(f"{name} must be at least 1, got {v}")
+    if streams is not None and streams > 1 and kind != "onnxruntime":
+        raise UsageError(f"--streams is for --backend onnxruntime (on the CPU), not {kind}")
+    if kind != "onnxruntime":
+        return threads or default_threads(), 1
+    if threads is None and streams is None:
+        return 1, cores() if fmt == "npy" else default_threads()
+    return threads or 1, streams or 1
 
 
 # ------------------------------------------------------------------------------------------ metadata
@@ -102,6 +134,10 @@ def check_metadata(meta: dict[str, str], path: Path) -> dict[str, Any]:
     return {**meta, "latent_shape": latent}
 
 
+NO_DEVICE = "no CUDA device is visible (torch.cuda.is_available() is False)"
+NVIDIA_GPUS = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees (Linux)
+
+
 def _cuda_reason() -> str | None:
     """Why torch cannot run CUDA here, or None. Importing torch first also makes its CUDA libraries visible."""
     try:
@@ -111,14 +147,14 @@ def _cuda_reason() -> str | None:
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is built without CUDA"
     if not torch.cuda.is_available():
-        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+        return NO_DEVICE
     return None
 
 
 def _ort_cuda_reason(ort, reason: str | None) -> str | None:
     """CUDA for onnxruntime: a CUDA torch imported first lends its libraries and knows if a device is there;
     without one, `onnxruntime.preload_dlls()` loads them from the nvidia wheels and the session decides."""
-    if reason is None or "no CUDA device" in reason:
+    if reason is None or reason == NO_DEVICE:
         return reason
     if hasattr(ort, "preload_dlls"):
         with contextlib.redirect_stdout(sys.stderr):  # it prints what it could not load
@@ -137,7 +173,7 @@ def _import_ort():
     return ort
 
 
-def _open_onnx(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
+def _open_onnx(path: Path, *, provider: str, batch_size: int, threads: int, streams: int) -> Backend:
     reason = None if provider == "cpu" else _cuda_reason()  # torch first: its CUDA libs become visible
     ort = _import_ort()
     reason = None if provider == "cpu" else _ort_cuda_reason(ort, reason)
@@ -149,11 +185,27 @@ def _open_onnx(path: Path, *, provider: str, batch_size: int, threads: int) -> B
     meta = check_metadata(session.get_modelmeta().custom_metadata_map, path)
     _check_io(session, meta, path)
     bound = IOBound(ort, session, meta["latent_shape"], batch_size) if active != "cpu" else None
+    cpu = active == "cpu"
     run = fixed_batch(bound, batch_size, meta["latent_shape"]) if bound is not None \
-        else (lambda z: session.run(["image"], {"z": z})[0])
-    settings = {"intra_op_num_threads": threads if active == "cpu" else None, "providers": session.get_providers(),
-                "fixed_batch": batch_size if active != "cpu" else None}
+        else in_streams(lambda z: session.run(["image"], {"z": z})[0], streams)
+    settings = {"intra_op_num_threads": threads if cpu else None, "streams": streams if cpu else None,
+                "providers": session.get_providers(), "fixed_batch": None if cpu else batch_size}
     return Backend("onnxruntime", path, active, meta, run, settings, warnings, bound)
+
+
+def in_streams(run: Callable[[np.ndarray], np.ndarray], streams: int) -> Callable[[np.ndarray], np.ndarray]:
+    """`run` on `streams` slices of each batch at once (onnxruntime releases the GIL while it runs). The
+    images are those of one call: onnxruntime on the CPU is batch-size invariant (tests/test_generate.py)."""
+    if streams <= 1:
+        return run
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="gantk-stream")
+
+    def split(z: np.ndarray) -> np.ndarray:
+        if len(z) < 2:
+            return run(z)
+        return np.concatenate(list(pool.map(run, np.array_split(z, min(streams, len(z))))))
+
+    return split
 
 
 def _wanted_provider(ort, provider: str, reason: str | None) -> tuple[str, list[str]]:
@@ -161,16 +213,24 @@ def _wanted_provider(ort, provider: str, reason: str | None) -> tuple[str, list[
     if provider == "auto":
         if reason is None and ORT_NAMES["cuda"] in available:
             return "cuda", []
-        why = reason or "onnxruntime was built without CUDAExecutionProvider"
-        msg = f"provider auto: CUDA not usable ({why}); running on the CPU"
-        log.warning(msg)
-        return "cpu", [msg]
+        return "cpu", _auto_on_cpu(reason or "onnxruntime was built without CUDAExecutionProvider")
     if ORT_NAMES[provider] not in available:
         raise UsageError(f"provider {provider} requested but this onnxruntime ({ort.__version__}) has no "
                          f"{ORT_NAMES[provider]} (available: {', '.join(available)})")
     if provider != "cpu" and reason is not None:
         raise UsageError(f"provider {provider} requested but not usable: {reason}")
     return provider, []
+
+
+def _auto_on_cpu(reason: str) -> list[str]:
+    """`auto` falls back to the CPU: said quietly on a machine without an NVIDIA GPU, as a warning where
+    one is there but cannot be used (returned for the summary)."""
+    msg = f"provider auto: CUDA not usable ({reason}); running on the CPU"
+    if not any(Path(NVIDIA_GPUS).glob("*")):
+        log.info(msg)
+        return []
+    log.warning(msg)
+    return [msg]
 
 
 def _not_active(provider: str, wanted: str, active: str, reason: str | None) -> list[str]:
@@ -276,7 +336,7 @@ def _torch_device(provider: str) -> str:
     if provider == "cuda" and reason:
         raise UsageError(f"provider cuda requested but not usable: {reason}")
     if provider == "auto" and reason:
-        log.warning("provider auto: CUDA not usable (%s); running on the CPU", reason)
+        _auto_on_cpu(reason)
     return "cuda" if reason is None and provider != "cpu" else "cpu"
 
 

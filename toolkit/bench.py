@@ -2,7 +2,7 @@
 
 What runs. For a checkpoint (and its ONNX export): eager torch fp32 (the reference), torch fp32 and bf16
 with BatchNorm folded and channels_last, TorchScript, onnxruntime CPU fp32 at each thread count asked
-for and fp16. Each path at each batch size is warmed
+for and as one 1-thread stream per core (`backends.in_streams`), and fp16. Each path at each batch size is warmed
 up, then timed once per repeat, the repeats interleaved (repeat r runs every path before r + 1 starts,
 the order rotated), so a neighbour's load on this shared machine hits all paths alike; figures are
 medians. Compare ratios within one run, never figures across runs. With CUDA present, bench_gpu adds
@@ -51,6 +51,7 @@ class Route:
     device: str
     build: Callable[[int], Runner]    # batch size -> runner (CUDA paths bind one fixed shape per size)
     note: str = ""
+    streams: int = 1                  # concurrent runs of `threads` threads each (onnxruntime on the CPU)
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -106,8 +107,11 @@ def cpu_paths(g, files: dict[str, Path], *, threads: list[int]) -> list[Route]:
     from .backends import open_backend
     from .exporters.fold import channels_last
 
+    from .backends import cores
+
     t0 = threads[0]
-    ort = lambda f, t: (lambda bs: open_backend("onnxruntime", f, provider="cpu", threads=t).run)  # noqa: E731
+    ort = lambda f, t, s=1: (lambda bs: open_backend("onnxruntime", f, provider="cpu", threads=t,  # noqa: E731
+                                                     streams=s).run)
     paths = [Route("torch eager", "fp32", t0, "cpu", lambda bs: _torch_runner(g, t0), "seed-style reference"),
              Route("torch folded+cl", "fp32", t0, "cpu",
                    lambda bs: _torch_runner(channels_last(g, dtype="fp32"), t0), "BN folded, channels_last"),
@@ -116,6 +120,9 @@ def cpu_paths(g, files: dict[str, Path], *, threads: list[int]) -> list[Route]:
              Route("torchscript", "fp32", t0, "cpu", lambda bs: _torchscript(files["torchscript"], t0))]
     paths += [Route("onnxruntime", "fp32", t, "cpu", ort(files["onnx"], t),
                     "generate default" if t == t0 else "") for t in threads]
+    if cores() > 1:
+        paths.append(Route("onnxruntime", "fp32", 1, "cpu", ort(files["onnx"], 1, cores()),
+                           f"{cores()} streams of 1 thread (generate default for npy)", streams=cores()))
     paths.append(Route("onnxruntime", "fp16", t0, "cpu", ort(files["onnx-fp16"], t0), "fp16 export"))
     return paths
 
@@ -233,7 +240,8 @@ def end_to_end(model: Path, backend: str, *, out: Path, count: int, fmt: str = "
     s = generate(Request(out=out, count=count, fmt=fmt), model=model, backend=backend, provider="cpu",
                  threads=threads)
     return {"backend": backend, "format": fmt, "count": count, "threads": s["settings"].get(
-        "intra_op_num_threads", s["settings"].get("threads")), "batch_size": s["batch_size"],
+        "intra_op_num_threads", s["settings"].get("threads")), "streams": s["settings"].get("streams") or 1,
+            "batch_size": s["batch_size"],
             "seconds": s["seconds"], "wall_s": round(time.perf_counter() - t0, 3),
             "images_per_s": s["images_per_s"], "parity": s["parity"].get("status")}
 
@@ -292,7 +300,9 @@ def bench(*, model: Path | None = None, checkpoint: Path | None = None, runs_dir
 
 def _thread_counts(default: int) -> tuple[int, ...]:
     """generate's default first (the torch routes and the default row run at it), then 1 and all cores."""
-    return (default, *sorted({1, os.cpu_count() or 1} - {default}))
+    from .backends import cores
+
+    return (default, *sorted({1, cores()} - {default}))
 
 
 def _check(*, batch_sizes, repeats, count, threads) -> None:
@@ -319,7 +329,8 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
     z = fixed_noise(tuple(g.latent_shape), count=max(batch_sizes))
     noise = {bs: np.ascontiguousarray(z[:bs]) for bs in batch_sizes}
     runners = {(i, bs): r.build(bs) for i, r in enumerate(routes) for bs in batch_sizes}
-    peaks = {(dt, t): fn for t in threads for dt, fn in matmul_peaks(t).items()}
+    cores = sorted(set(threads) | {r.threads * r.streams for r in routes})
+    peaks = {(dt, t): fn for t in cores for dt, fn in matmul_peaks(t).items()}
     rates, peak = interleaved(runners, noise, peaks, repeats=repeats, progress=progress)
     rows = _rows(routes, runners, rates, peak, noise, flops["useful"], batch_sizes)
     doc = {"machine": machine(), "checkpoint": str(ckpt), "onnx": str(files["onnx"]), "arch": _arch(ckpt),
@@ -354,8 +365,9 @@ def _rows(routes, runners, rates, peak, noise, useful, batch_sizes) -> list[dict
         figures = parity(runners[(i, big)](noise[big]), ref)
         for bs in batch_sizes:
             rate = rates[(i, bs)]
-            top = peak.get(("bf16" if r.precision == "bf16" else "fp32", r.threads or 0))
+            top = peak.get(("bf16" if r.precision == "bf16" else "fp32", r.threads * r.streams))
             rows.append({"route": r.name, "precision": r.precision, "device": r.device, "threads": r.threads,
+                         "streams": r.streams,
                          "batch": bs, "images_per_s": round(rate, 1), "gflops": round(rate * useful / 1e9, 2),
                          "peak_share": round(rate * useful / 1e9 / top, 4) if top else None,
                          "peak_dtype": ("bf16" if r.precision == "bf16" else "fp32") if top else None,
@@ -402,23 +414,24 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets as ratios within this run."""
     base = doc["end_to_end"][0]["images_per_s"]
     default = doc["end_to_end"][1]
-    pure = _row(doc, "onnxruntime", "fp32", default["threads"], default["batch_size"])
+    pure = _row(doc, "onnxruntime", "fp32", default["threads"], default["streams"], default["batch_size"])
     fp32 = [r for r in doc["rows"] if r["precision"] == "fp32" and r["device"] == "cpu" and r["peak_share"]]
     best = max(fp32, key=lambda r: r["images_per_s"])
     low = [r for r in doc["rows"] if r["precision"] != "fp32" and r["device"] == "cpu"]
     best_low = max(low, key=lambda r: r["images_per_s"])
     return {"default_e2e_vs_baseline": _ratio(default["images_per_s"], base),
             "default_e2e_vs_own_pure": _ratio(default["images_per_s"], pure and pure["images_per_s"]),
-            "fastest_fp32": {k: best[k] for k in ("route", "threads", "batch", "images_per_s", "peak_share")},
+            "fastest_fp32": {k: best[k] for k in ("route", "threads", "streams", "batch", "images_per_s",
+                                                   "peak_share")},
             "fastest_reduced_precision": {**{k: best_low[k] for k in ("route", "precision", "threads", "batch",
                                                                        "max_levels_off", "pixels_off")},
                                           "pure_vs_baseline_e2e": _ratio(best_low["images_per_s"], base),
                                           "vs_fastest_fp32": _ratio(best_low["images_per_s"], best["images_per_s"])}}
 
 
-def _row(doc, route: str, precision: str, threads: int, batch: int) -> dict | None:
-    return next((r for r in doc["rows"] if (r["route"], r["precision"], r["threads"], r["batch"], r["device"])
-                 == (route, precision, threads, batch, "cpu")), None)
+def _row(doc, route: str, precision: str, threads: int, streams: int, batch: int) -> dict | None:
+    return next((r for r in doc["rows"] if (r["route"], r["precision"], r["threads"], r["streams"], r["batch"],
+                                            r["device"]) == (route, precision, threads, streams, batch, "cpu")), None)
 
 
 def _ratio(a, b) -> float | None:
@@ -436,11 +449,11 @@ def format_table(doc: dict[str, Any]) -> str:
              f"# {doc['arch']} {doc['checkpoint']}; useful {doc['flops_per_image']['useful'] / 1e6:.1f} MFLOP/image "
              f"(padded {doc['flops_per_image']['padded'] / 1e6:.1f}); medians of {doc['repeats']} interleaved repeats",
              "# matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in doc["peaks_gflops"].items()), "",
-             f"{'route':<18}{'prec':<6}{'dev':<5}{'thr':>3}{'batch':>6}{'img/s':>9}{'GFLOP/s':>9}{'peak':>7}"
+             f"{'route':<18}{'prec':<6}{'dev':<5}{'thr':>5}{'batch':>6}{'img/s':>9}{'GFLOP/s':>9}{'peak':>7}"
              f"{'max|d|':>10}{'px off':>9}{'lvl':>4}  note"]
     for r in doc["rows"]:
         share = f"{r['peak_share']:.0%}" if r["peak_share"] is not None else "-"
-        lines.append(f"{r['route']:<18}{r['precision']:<6}{r['device']:<5}{r['threads']:>3}{r['batch']:>6}"
+        lines.append(f"{r['route']:<18}{r['precision']:<6}{r['device']:<5}{_threads(r):>5}{r['batch']:>6}"
                      f"{r['images_per_s']:>9.0f}{r['gflops']:>9.1f}{share:>7}{r['max_abs_diff']:>10.2e}"
                      f"{r['pixels_off']:>9.3%}{r['max_levels_off']:>4}  {r['note']}")
     if "end_to_end" in doc:
@@ -452,12 +465,18 @@ def format_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _threads(r: dict[str, Any]) -> str:
+    """Intra-op threads, as streams x threads where runs go concurrently."""
+    streams = r.get("streams") or 1
+    return f"{streams}x{r['threads']}" if streams > 1 else str(r["threads"])
+
+
 def _e2e_header() -> str:
-    return f"{'end to end':<22}{'fmt':<5}{'thr':>4}{'batch':>6}{'count':>7}{'img/s':>9}{'timed s':>9}{'wall s':>8}  parity"
+    return f"{'end to end':<22}{'fmt':<5}{'thr':>5}{'batch':>6}{'count':>7}{'img/s':>9}{'timed s':>9}{'wall s':>8}  parity"
 
 
 def _e2e_line(r: dict[str, Any]) -> str:
-    return (f"{r['backend']:<22}{r['format']:<5}{r['threads']:>4}{r['batch_size']:>6}{r['count']:>7}"
+    return (f"{r['backend']:<22}{r['format']:<5}{_threads(r):>5}{r['batch_size']:>6}{r['count']:>7}"
             f"{r['images_per_s']:>9.0f}{r['seconds']:>9.2f}{r['wall_s']:>8.2f}  {r['parity']}")
 
 
@@ -467,7 +486,7 @@ def _targets_text(t: dict[str, Any]) -> str:
     return "\n".join([
         f"target default e2e >= 1.5x seed-style baseline: {fmt(t['default_e2e_vs_baseline'])}",
         f"target default e2e >= 90% of its pure inference: {fmt(t['default_e2e_vs_own_pure'])}",
-        f"target fastest fp32 >= 80% of fp32 matmul peak: {f['route']} t{f['threads']} batch {f['batch']} "
+        f"target fastest fp32 >= 80% of fp32 matmul peak: {f['route']} t{_threads(f)} batch {f['batch']} "
         f"{f['images_per_s']:.0f} img/s = {f['peak_share']:.0%}",
         f"target reduced precision >= 5x baseline, every pixel within one level: {lo['route']} {lo['precision']} "
         f"pure inference {fmt(lo['pure_vs_baseline_e2e'])} the baseline's end to end "

@@ -255,6 +255,8 @@ def doctor(as_json: bool) -> None:
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Checkpoint to check parity against [default: the source named in the model's metadata].")
 @click.option("--threads", type=int, default=None, help="Intra-op threads on the CPU [default: measured choice].")
+@click.option("--streams", type=int, default=None,
+              help="onnxruntime on the CPU: concurrent runs, each on a slice of the batch [default: measured choice].")
 @click.option("--writers", type=int, default=None,
               help="Worker processes for noise and PNGs [default: the cores inference leaves, at least 2].")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
@@ -291,7 +293,7 @@ def generate(**o: Any) -> None:
 
     try:
         s = run_generate(req, model=model, backend=o["backend"], provider=o["provider"], threads=o["threads"],
-                         progress=progress)
+                         streams=o["streams"], progress=progress)
     finally:
         if bar is not None:
             bar.close()

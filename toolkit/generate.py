@@ -518,17 +518,15 @@ def _worker_init(parent: int) -> None:
         os._exit(1)
 
 
-def default_writers(threads: int | None) -> int:
+def default_writers(inference_threads: int) -> int:
     """Workers for noise and PNGs: the cores this process may use (its share under torchrun) less the
-    inference threads, at least 2 and at most MAX_WRITERS.
+    inference threads (all streams'), at least 2 and at most MAX_WRITERS.
 
     Measured with onnxruntime CUDA on a 16-core H200 host (benchmarks/gpu_checks.sh e2e, 100,000 PNGs,
     2026-11-29): 2 / 8 / 15 workers 7,896 / 18,056 / 21,278 img/s. On the 2-core CPU machine: 2."""
-    from .backends import default_threads
+    from .backends import cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return min(MAX_WRITERS, max(2, cores - (threads or default_threads())))
+    return min(MAX_WRITERS, max(2, cores() - inference_threads))
 
 
 def _noise_chunk(seed: int, indices: list[int], latent_shape: tuple[int, ...]) -> tuple[np.ndarray, float]:
@@ -687,7 +685,8 @@ def write_grid(req: Request, folder: Folder, *, array: str | None = None) -> str
 
 
 def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provider: str = "auto",
-             threads: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+             threads: int | None = None, streams: int | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
     """Validate, open the backend, check parity, then write what is missing; returns the summary.
 
     Under torchrun rank r of n takes shard r/n of the range; all ranks write into one folder and
@@ -704,29 +703,32 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
         req = dataclasses.replace(req, shard=(world.rank, world.size))
     created = distributed.init(world, "cpu")
     try:
-        return _generate(req, model, backend, provider, threads, progress or (lambda ev: None), world)
+        return _generate(req, model, backend, provider, (threads, streams), progress or (lambda ev: None), world)
     finally:
         distributed.shutdown(created)
 
 
-def _generate(req, model, backend, provider, threads, progress, world) -> dict[str, Any]:
+def _generate(req, model, backend, provider, plan, progress, world) -> dict[str, Any]:
+    from .backends import cpu_plan
+
     check_request(req)
     check_out(Path(req.out))
-    req = dataclasses.replace(req, writers=req.writers or default_writers(threads))
+    plan = cpu_plan(backend, *plan, fmt=req.fmt)
+    req = dataclasses.replace(req, writers=req.writers or default_writers(plan[0] * plan[1]))
     with executor(req.writers, len(req.indices())) as pool:  # before the backend: see `executor`
         try:
-            return _open_and_write(req, model, backend, provider, threads, progress, world, pool)
+            return _open_and_write(req, model, backend, provider, plan, progress, world, pool)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # drop noise drawn ahead; finish what runs
             raise
 
 
-def _open_and_write(req, model, backend, provider, threads, progress, world, pool) -> dict[str, Any]:
+def _open_and_write(req, model, backend, provider, plan, progress, world, pool) -> dict[str, Any]:
     from .backends import open_backend
     from .checkpoint import sha256
 
     out = Path(req.out)
-    be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=threads)
+    be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=plan[0], streams=plan[1])
     identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
                 "latent_shape": list(be.latent_shape)}
     folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
