@@ -142,6 +142,17 @@ def test_small_sample_fid_bias_is_stated(scores):
     assert any("biased" in w for w in scores["real"]["warnings"])
 
 
+def test_a_weak_classifier_is_stated(clf):
+    from dataclasses import replace
+
+    from gantk.evaluate import _warnings
+
+    weak = replace(clf, meta={**clf.meta, "heldout_accuracy": 0.67})
+    strong = replace(clf, meta={**clf.meta, "heldout_accuracy": 0.99})
+    assert any("67.0% accurate" in w for w in _warnings(10_000, weak))
+    assert not any("accurate" in w for w in _warnings(10_000, strong))
+
+
 # ---------------------------------------------------------------- API
 
 

@@ -13,8 +13,9 @@ counted); the share of the machine's peak: the best rate of torch or onnxruntime
 the same dtype at the same thread count, timed in the same interleaved loop (fp16 rows, which this CPU
 runs through fp32 arithmetic, are set against the fp32 peak); parity against eager
 fp32 on the same noise (max abs diff, share of uint8 pixels off, most levels a pixel moved); and end
-to end, `generate --count N` for the default path (onnxruntime, fp32, default batch and threads), its
-npy variant, the TorchScript backend, and the seed-style baseline (eager fp32, batch 32, one PNG saved at a time).
+to end, the median of up to 3 interleaved runs each: `generate --count N` for the default path
+(onnxruntime, fp32, default batch, threads and streams), its npy variant, the TorchScript backend, and
+the seed-style baseline (eager fp32, batch 32, one PNG saved at a time).
 
 The library returns one dict (the `--json` document); `format_table` renders it for people.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ MIN_IMAGES = 256        # images per timed measurement (batch 1 runs 256 calls)
 MATMUL_N = 1024
 PEAK_CALLS = 3       # a matmul peak is the best of this many calls
 BASELINE_BATCH = 32
+E2E_REPEATS = 3      # end-to-end runs per row (at most --repeats)
 
 
 @dataclass
@@ -345,8 +348,9 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
             progress(f"GPU end to end, --gpu-count {gpu['count']}")
             doc["gpu"]["end_to_end"] = gpu_end_to_end(files, ckpt, work, count=gpu["count"])
     if e2e:
-        progress(f"end to end, --count {count}")
-        doc["end_to_end"] = _end_to_end_rows(g, files, work, count=count, threads=threads)
+        progress(f"end to end, --count {count}, {min(repeats, E2E_REPEATS)} interleaved rounds")
+        doc["end_to_end"] = _end_to_end_rows(g, files, work, count=count, threads=threads,
+                                             repeats=min(repeats, E2E_REPEATS))
         doc["targets"] = targets(doc)
     return doc
 
@@ -375,14 +379,30 @@ def _rows(routes, runners, rates, peak, noise, useful, batch_sizes) -> list[dict
     return rows
 
 
-def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threads: list[int]) -> list[dict]:
+def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threads: list[int],
+                     repeats: int) -> list[dict]:
+    """Each end-to-end run `repeats` times, interleaved like the routes (the order rotated each round, every
+    output folder deleted after its run): writing thousands of files is the noisiest part of the bench.
+    A row is its median run, with every run's rate in `runs`."""
     onnx = files["onnx"]
-    rows = [seed_style_baseline(g, out=work / "e2e-baseline", count=count)]
-    rows.append(end_to_end(onnx, "onnxruntime", out=work / "e2e-default", count=count))
-    rows += [end_to_end(onnx, "onnxruntime", out=work / f"e2e-t{t}", count=count, threads=t)
-             for t in threads[1:]]
-    rows.append(end_to_end(onnx, "onnxruntime", out=work / "e2e-npy", count=count, fmt="npy"))
-    rows.append(end_to_end(files["torchscript"], "torchscript", out=work / "e2e-torchscript", count=count))
+    runs: list[tuple[str, Callable[[Path], dict]]] = [
+        ("baseline", lambda out: seed_style_baseline(g, out=out, count=count)),
+        ("default", lambda out: end_to_end(onnx, "onnxruntime", out=out, count=count)),
+        *[(f"t{t}", lambda out, t=t: end_to_end(onnx, "onnxruntime", out=out, count=count, threads=t))
+          for t in threads[1:]],
+        ("npy", lambda out: end_to_end(onnx, "onnxruntime", out=out, count=count, fmt="npy")),
+        ("torchscript", lambda out: end_to_end(files["torchscript"], "torchscript", out=out, count=count))]
+    done: dict[str, list[dict]] = {key: [] for key, _ in runs}
+    for r in range(repeats):
+        shift = r % len(runs)
+        for key, run in runs[shift:] + runs[:shift]:
+            out = work / f"e2e-{key}"
+            done[key].append(run(out))
+            shutil.rmtree(out)
+    rows = []
+    for key, _ in runs:
+        ranked = sorted(done[key], key=lambda row: row["images_per_s"])
+        rows.append({**ranked[(len(ranked) - 1) // 2], "runs": [row["images_per_s"] for row in done[key]]})
     return rows
 
 
@@ -472,12 +492,14 @@ def _threads(r: dict[str, Any]) -> str:
 
 
 def _e2e_header() -> str:
-    return f"{'end to end':<22}{'fmt':<5}{'thr':>5}{'batch':>6}{'count':>7}{'img/s':>9}{'timed s':>9}{'wall s':>8}  parity"
+    return (f"{'end to end':<22}{'fmt':<5}{'thr':>5}{'batch':>6}{'count':>7}{'img/s':>9}{'timed s':>9}{'wall s':>8}"
+            f"  {'parity':<8}img/s of each run (the median's figures to the left)")
 
 
 def _e2e_line(r: dict[str, Any]) -> str:
     return (f"{r['backend']:<22}{r['format']:<5}{_threads(r):>5}{r['batch_size']:>6}{r['count']:>7}"
-            f"{r['images_per_s']:>9.0f}{r['seconds']:>9.2f}{r['wall_s']:>8.2f}  {r['parity']}")
+            f"{r['images_per_s']:>9.0f}{r['seconds']:>9.2f}{r['wall_s']:>8.2f}  {r['parity']:<8}"
+            + " ".join(f"{v:.0f}" for v in r.get("runs", [])))
 
 
 def _targets_text(t: dict[str, Any]) -> str:

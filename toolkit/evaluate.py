@@ -34,6 +34,7 @@ MEMO_QUANTILE = 0.05  # "closer than real held-out digits usually are": their 5t
 PR_MAX = 10_000  # points per side for precision/recall
 KNN_K = 3
 RECOGNISED = 0.5  # top-1 probability from which a sample counts as the digit it looks most like
+WEAK_CLASSIFIER = 0.95  # held-out accuracy below which the classifier-based figures are flagged
 DEFAULT_COUNT = 10_000
 
 
@@ -225,6 +226,10 @@ def _warnings(n: int, classifier: Classifier) -> list[str]:
     if n < BIASED_BELOW:
         out.append(f"FID is biased upward at small sample counts (N={n} < {BIASED_BELOW}): "
                    "compare FID only between sets of the same N")
+    if classifier.heldout_accuracy < WEAK_CLASSIFIER:
+        out.append(f"this classifier is {classifier.heldout_accuracy:.1%} accurate on its held-out digits (below "
+                   f"{WEAK_CLASSIFIER:.0%}): it recognises few real digits either, so confidence, recognised share "
+                   "and mode coverage mean little; train it longer or on more digits")
     if "outlier_exposure" not in classifier.meta:
         out.append("this classifier was trained without outlier exposure: it is confident on images that are "
                    "no digit, so confidence, recognised share and mode coverage overrate them; retrain it "
