@@ -359,9 +359,12 @@ def _torch_runner(module, device: str, batch: int, latent: tuple[int, ...], thre
 def _open_torchscript(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
     import torch
 
+    from .exporters.torchscript import _quiet_jit
+
     extra = {"gantk.json": ""}
     try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with _quiet_jit():  # torch's deprecation notice for torch.jit, on every load
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: not a loadable TorchScript file ({first[:160]})") from None
