@@ -106,6 +106,15 @@ def test_cpu_plan_defaults(monkeypatch):
     assert backends.cpu_plan("torchscript", None, None) == (4, 1)
 
 
+def test_npy_keeps_the_workers_png_would_have(exported, tmp_path, monkeypatch):
+    """Its extra streams are the CPU's; on a GPU host they idle, and noise needs the workers there."""
+    from gantk import backends
+
+    monkeypatch.setattr(backends, "cores", lambda: 16)
+    doc = json.loads(gen(exported["onnx"], tmp_path / "npy", "--count", "40", "--format", "npy", "--json").stdout)
+    assert (doc["writers"], doc["settings"]["streams"]) == (12, 16)
+
+
 def test_split_range_and_shards_equal_one_run(exported, tmp_path):
     gen(exported["onnx"], tmp_path / "one", "--count", "30", "--start", "5")
     gen(exported["onnx"], tmp_path / "split", "--count", "12", "--start", "5")
@@ -159,16 +168,21 @@ def test_temp_files_of_live_runs_survive_the_cleanup(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exited, not yet reaped (a killed run's worker)
+    os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)
     try:
         names = [f"{TMP_PREFIX}000001.png-{live.pid}-7", f"{TMP_PREFIX}000002.png-{dead.pid}-7",
-                 f"{TMP_PREFIX}000003.png-{os.getpid()}-7", f"{TMP_PREFIX}probe-x1y2"]
+                 f"{TMP_PREFIX}000003.png-{os.getpid()}-7", f"{TMP_PREFIX}probe-x1y2",
+                 f"{TMP_PREFIX}000004.png-{live.pid}-8", f"{TMP_PREFIX}000005.png-{zombie.pid}-7"]
         for n in names:
             (tmp_path / n).write_bytes(b"")
+        os.utime(tmp_path / names[4], (time.time() - 3600, time.time() - 3600))  # the pid was recycled
         _clean_temps(tmp_path)
         assert sorted(p.name for p in tmp_path.iterdir()) == names[:1]
     finally:
         live.kill()
         live.wait()
+        zombie.wait()
 
 
 def test_torch_backends_batch_independent_and_close_to_onnx(exported, tmp_path):

@@ -59,6 +59,7 @@ NOISE_AHEAD = 2        # batches whose noise is drawn ahead of inference, at lea
 PROCESS_MIN_IMAGES = 2048  # from this many images on, workers are processes (see `executor`)
 MAX_WRITERS = 16
 FLUSH_SECONDS = 2.0    # manifest checkpoint interval during a run
+STALE_TEMP_S = 60.0    # a temp file this old belongs to no write in flight
 GRID_COLS, GRID_MAX = 8, 64
 
 Progress = Callable[[dict[str, Any]], None]
@@ -357,10 +358,13 @@ def _drop_replaced(out: Path, old: dict | None) -> int:
 
 
 def _clean_temps(out: Path) -> None:
-    """Remove the temp files of runs that died; a live run's (its pid is in the name) are left alone."""
+    """Remove the temp files of runs that died. A live run's (its pid is in the name) are left alone,
+    unless older than STALE_TEMP_S: a temp file lives for one write, so an old one has a recycled pid."""
+    now = time.time()
     for p in out.glob(TMP_PREFIX + "*"):
-        if not _alive(_temp_pid(p.name)):
-            p.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if not _alive(_temp_pid(p.name)) or now - p.stat().st_mtime > STALE_TEMP_S:
+                p.unlink()
 
 
 def _temp_pid(name: str) -> int | None:
@@ -370,8 +374,14 @@ def _temp_pid(name: str) -> int | None:
 
 
 def _alive(pid: int | None) -> bool:
-    if pid is None or pid == os.getpid():  # this process has no writes in flight yet
+    """A running process other than this one (which has no writes in flight yet); zombies are dead."""
+    if pid is None or pid == os.getpid():
         return False
+    if Path("/proc/self/stat").exists():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -713,8 +723,11 @@ def _generate(req, model, backend, provider, plan, progress, world) -> dict[str,
 
     check_request(req)
     check_out(Path(req.out))
+    # the workers leave inference the cores it takes for PNGs, even for npy, whose extra CPU streams are
+    # idle when a GPU runs (the provider is known only once the backend is open, after the fork)
+    threads, streams = cpu_plan(backend, *plan, fmt="png")
+    req = dataclasses.replace(req, writers=req.writers or default_writers(threads * streams))
     plan = cpu_plan(backend, *plan, fmt=req.fmt)
-    req = dataclasses.replace(req, writers=req.writers or default_writers(plan[0] * plan[1]))
     with executor(req.writers, len(req.indices())) as pool:  # before the backend: see `executor`
         try:
             return _open_and_write(req, model, backend, provider, plan, progress, world, pool)
