@@ -227,7 +227,7 @@ def _auto_on_cpu(reason: str) -> list[str]:
     one is there but cannot be used (returned for the summary)."""
     msg = f"provider auto: CUDA not usable ({reason}); running on the CPU"
     if not any(Path(NVIDIA_GPUS).glob("*")):
-        log.info(msg)
+        log.debug(msg)
         return []
     log.warning(msg)
     return [msg]
