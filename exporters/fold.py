@@ -83,34 +83,49 @@ def for_inference(g, *, convs: bool):
 
 def channels_last(g, *, dtype: str = "fp32"):
     """`g` for fast eager inference: BatchNorm folded, weights in `dtype` ("fp32", "bf16" or, on CUDA,
-    "fp16"), channels_last.
+    "fp16"), channels_last; in reduced precision the first layer (the noise projection) stays fp32.
 
     float32 NCHW noise in, float32 NCHW images out, so it drops in wherever the eager generator runs.
     `gantk bench` measures both. On the 2-core AVX-512 CPU (no AMX): fp32 about 1.1-1.4x eager NCHW,
-    bf16 about 2-3x; but bf16 moves the trained MNIST dcgan's pixels by up to 6 uint8 levels (19% of
-    them), so it is a measured route only, not a generate backend. The stride-1 Conv rewrite is not
-    applied: in channels_last it measured no faster in torch.
+    bf16 about 2-3x. The first layer holds 2% of the dcgan's FLOPs but, in bf16, moved the trained MNIST
+    dcgan's pixels by up to 8 uint8 levels on its own; in fp32 the worst pixel moves 2-3 levels for 7%
+    of the speed (benchmarks/bf16_levels.py). Still more than one level, so bf16 is a measured route
+    only, not a generate backend. The stride-1 Conv rewrite is not applied: in channels_last it
+    measured no faster in torch.
     """
     import torch
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    inner = fold_batchnorm(g).to(dtypes[dtype]).to(memory_format=torch.channels_last)
-    return _float_edges(inner, dtypes[dtype])
+    folded = fold_batchnorm(g)
+    layers = list(folded.net)
+    k = 0 if dtype == "fp32" else _after_first_layer(layers)
+    head = torch.nn.Sequential(*layers[:k])
+    body = torch.nn.Sequential(*layers[k:]).to(dtypes[dtype]).to(memory_format=torch.channels_last)
+    return _float_edges(head, body, dtypes[dtype], folded.latent_shape)
 
 
-def _float_edges(inner, dtype):
-    """float32 NCHW at the edges, `dtype` and channels_last inside (as onnx._half_edges does for fp16)."""
+def _after_first_layer(layers) -> int:
+    """Index just past the first conv and the activation that follows it."""
+    from torch import nn
+
+    k = next(i for i, m in enumerate(layers) if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))) + 1
+    return k + 1 if k < len(layers) and isinstance(layers[k], (nn.ReLU, nn.LeakyReLU)) else k
+
+
+def _float_edges(head, body, dtype, latent_shape):
+    """float32 NCHW at the edges; `head` in float32, then `body` in `dtype` and channels_last (as
+    onnx._half_edges does for fp16)."""
     import torch
 
     class FloatEdges(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner, self.dtype, self.latent_shape = inner, dtype, inner.latent_shape
+            self.head, self.body, self.dtype, self.latent_shape = head, body, dtype, latent_shape
 
         def forward(self, z: torch.Tensor) -> torch.Tensor:
-            x = z.to(self.dtype).contiguous(memory_format=torch.channels_last)
-            return self.inner(x).float().contiguous()
+            x = self.head(z).to(self.dtype).contiguous(memory_format=torch.channels_last)
+            return self.body(x).float().contiguous()
 
     return FloatEdges().eval()
