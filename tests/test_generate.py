@@ -160,10 +160,37 @@ def test_manifest_flush_takes_in_what_another_run_recorded(tmp_path):
     with pytest.raises(GantkError, match="different model/seed/format"):
         other.flush()
     assert [r["index"] for r in read_manifest(tmp_path)["files"]] == [0, 1, 2]
+    # --overwrite runs X -> Y and Y -> X at once: each may replace the other's manifest once, not again
+    x, y = Folder(tmp_path, ident), Folder(tmp_path, {**ident, "seed": 1}, replaces=ident)
+    y.files[5] = {"file": "000005.png", "sha256": "y"}
+    y.flush()
+    x = Folder(tmp_path, ident, replaces={**ident, "seed": 1})
+    x.flush()
+    y.files[6] = {"file": "000006.png", "sha256": "y"}
+    with pytest.raises(GantkError, match="different model/seed/format"):
+        y.flush()
+
+
+def test_a_folder_that_cannot_be_locked_warns_once_and_still_gets_its_manifest(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from gantk.generate import Folder, read_manifest
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    f = Folder(tmp_path, {"model_sha256": "a", "seed": 0, "format": "png", "latent_shape": [1]})
+    for i in range(2):
+        f.files[i] = {"file": f"{i:06d}.png", "sha256": "x"}
+        f.flush()
+    assert [r["index"] for r in read_manifest(tmp_path)["files"]] == [0, 1]
+    assert sum("cannot lock" in r.message for r in caplog.records) == 1
 
 
 def test_temp_files_of_live_runs_survive_the_cleanup(tmp_path):
-    from gantk.generate import TMP_PREFIX, _clean_temps
+    from gantk.generate import HOST, TMP_PREFIX, _clean_temps
 
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -171,14 +198,18 @@ def test_temp_files_of_live_runs_survive_the_cleanup(tmp_path):
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exited, not yet reaped (a killed run's worker)
     os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)
     try:
-        names = [f"{TMP_PREFIX}000001.png-{live.pid}-7", f"{TMP_PREFIX}000002.png-{dead.pid}-7",
-                 f"{TMP_PREFIX}000003.png-{os.getpid()}-7", f"{TMP_PREFIX}probe-x1y2",
-                 f"{TMP_PREFIX}000004.png-{live.pid}-8", f"{TMP_PREFIX}000005.png-{zombie.pid}-7"]
-        for n in names:
+        keep = [f"{TMP_PREFIX}000001.png-{HOST}-{live.pid}-7",
+                f"{TMP_PREFIX}000006.png-otherhost-{dead.pid}-7",  # another machine's: its pids are not ours
+                f"{TMP_PREFIX}probe-x1y2"]
+        drop = [f"{TMP_PREFIX}000002.png-{HOST}-{dead.pid}-7", f"{TMP_PREFIX}000003.png-{HOST}-{os.getpid()}-7",
+                f"{TMP_PREFIX}000005.png-{HOST}-{zombie.pid}-7", f"{TMP_PREFIX}000004.png-{HOST}-{live.pid}-8",
+                f"{TMP_PREFIX}000007.png-otherhost-{live.pid}-7", f"{TMP_PREFIX}images-0-40.npy-{HOST}-{dead.pid}-7"]
+        for n in keep + drop:
             (tmp_path / n).write_bytes(b"")
-        os.utime(tmp_path / names[4], (time.time() - 3600, time.time() - 3600))  # the pid was recycled
+        for n in drop[3:5]:  # old enough to belong to no write in flight
+            os.utime(tmp_path / n, (time.time() - 7200, time.time() - 7200))
         _clean_temps(tmp_path)
-        assert sorted(p.name for p in tmp_path.iterdir()) == names[:1]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
     finally:
         live.kill()
         live.wait()

@@ -11,12 +11,12 @@ one fixed shape with padding (torch, CUDA), so the PNG bytes of image i are the 
 Shards. `shard=(k, n)` takes every index i of [start, start + count) with i % n == k (strided, so
 every shard gets an equal share of any range). n machines running shards 0..n-1 into one folder each,
 one after another into the same folder, or at once into one shared folder (the manifest is updated
-under a lock on the folder), write exactly the files of the unsharded run.
+under a POSIX lock on `.gantk-lock` there), write exactly the files of the unsharded run.
 
 The output folder holds `<index:06d>.png` (or one `images-<first>-<stop>[-shard<k>of<n>].npy`),
 `manifest.json` (identity: model sha256, seed, format; then index, file, sha256 per image) and
-`summary.json` (what ran where, how fast, the parity figures); `grid.png` with `grid=True`.
-Every file is written to a temp file in the folder and moved into place with `os.replace`. PNGs are
+`summary.json` (what ran where, how fast, the parity figures); `grid.png` with `grid=True`; and the
+empty `.gantk-lock`. Every file is written to a temp file in the folder and moved into place with `os.replace`. PNGs are
 not fsynced one by one (5 ms each); instead every run checks each recorded file's sha256, so a file
 lost or damaged by a crash, or by anyone, is found and rewritten. Files gantk did not write are never
 deleted or overwritten.
@@ -33,6 +33,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -59,7 +60,9 @@ NOISE_AHEAD = 2        # batches whose noise is drawn ahead of inference, at lea
 PROCESS_MIN_IMAGES = 2048  # from this many images on, workers are processes (see `executor`)
 MAX_WRITERS = 16
 FLUSH_SECONDS = 2.0    # manifest checkpoint interval during a run
-STALE_TEMP_S = 60.0    # a temp file this old belongs to no write in flight
+STALE_TEMP_S = 3600.0  # a temp file this old belongs to no write in flight (clocks of a shared folder's hosts may differ)
+LOCK = ".gantk-lock"   # in the output folder: runs writing into it at once take turns at the manifest
+HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"  # in temp file names
 GRID_COLS, GRID_MAX = 8, 64
 
 Progress = Callable[[dict[str, Any]], None]
@@ -183,7 +186,7 @@ def check_out(out: Path) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temp file beside `path`, then os.replace: never a partial file under the final name (no fsync)."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{HOST}-{os.getpid()}-{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)
@@ -247,6 +250,7 @@ class Folder:
             if path.is_file() and path.read_bytes() == data:
                 return False
             atomic_write_bytes(path, data)
+            self.replaces = None
         cost = time.monotonic() - started  # a huge manifest is flushed less often, never >10% of the time
         self._next_flush = time.monotonic() + max(FLUSH_SECONDS, 10 * cost)
         return True
@@ -254,6 +258,8 @@ class Folder:
 
     def _take_in(self, doc: dict[str, Any] | None) -> None:
         """Entries another run of this identity recorded on disk since this one read the manifest."""
+        if doc is not None and doc["identity"] == self.identity:
+            self.replaces = None  # from now on another identity appearing is an error
         if doc is None or doc["identity"] == self.replaces:
             return
         if doc["identity"] != self.identity:
@@ -267,18 +273,30 @@ class Folder:
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive flock on the folder itself (no lock file left behind); a no-op where flock is missing."""
+    """An exclusive POSIX lock (fcntl.lockf, which NFS supports) on the folder's LOCK file. Where locks
+    are unavailable, one warning, and the run goes on unlocked: alone in its folder it needs none."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
+    fd = None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+    except OSError as e:
+        if folder not in _UNLOCKED:
+            _UNLOCKED.add(folder)
+            log.warning("cannot lock %s (%s): runs writing into this folder at the same time could lose "
+                        "manifest entries", folder / LOCK, e.strerror or e)
+    try:
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+_UNLOCKED: set[Path] = set()
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
@@ -358,19 +376,22 @@ def _drop_replaced(out: Path, old: dict | None) -> int:
 
 
 def _clean_temps(out: Path) -> None:
-    """Remove the temp files of runs that died. A live run's (its pid is in the name) are left alone,
-    unless older than STALE_TEMP_S: a temp file lives for one write, so an old one has a recycled pid."""
+    """Remove the temp files of runs that died: this host's whose process is gone, and any older than
+    STALE_TEMP_S (another host's, whose processes cannot be seen from here, or a recycled pid's)."""
     now = time.time()
     for p in out.glob(TMP_PREFIX + "*"):
+        host, pid = _temp_owner(p.name)
         with contextlib.suppress(FileNotFoundError):
-            if not _alive(_temp_pid(p.name)) or now - p.stat().st_mtime > STALE_TEMP_S:
+            if (host == HOST and not _alive(pid)) or now - p.stat().st_mtime > STALE_TEMP_S:
                 p.unlink()
 
 
-def _temp_pid(name: str) -> int | None:
-    """The writer's pid in `_write_atomic`'s temp name (<prefix><file>-<pid>-<thread>), None in others."""
-    parts = name.rsplit("-", 2)
-    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+def _temp_owner(name: str) -> tuple[str | None, int | None]:
+    """(host, pid) from `_write_atomic`'s temp name (<prefix><file>-<host>-<pid>-<thread>); None, None in others."""
+    parts = name.rsplit("-", 3)
+    if len(parts) == 4 and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return None, None
 
 
 def _alive(pid: int | None) -> bool:
