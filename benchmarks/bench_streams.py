@@ -26,25 +26,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    plans = sorted({(1, 1), (cores, 1), (1, cores)})
+    plans = sorted({(1, 1), (cores, 1), (1, cores)})  # (intra-op threads, streams)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {cores} cores, load {os.getloadavg()[0]:.2f}; {a.model}")
-    print("# plan = (intra-op threads, streams); img/s medians of", a.rounds, "interleaved rounds\n")
+    print("# plan = streams x intra-op threads, as in gantk bench; img/s medians of", a.rounds, "interleaved rounds\n")
     pure = _pure(a.model, plans, a.rounds)
     e2e = _end_to_end(a.model, plans, a.count, a.rounds)
     print(f"{'plan':<8}{'pure b256':>11}{'png e2e':>10}{'npy e2e':>10}   runs (png | npy)")
     for plan in plans:
         png, npy = e2e[(plan, "png")], e2e[(plan, "npy")]
-        print(f"{plan[0]}x{plan[1]:<6}{pure[plan]:>11.0f}{statistics.median(png):>10.0f}{statistics.median(npy):>10.0f}"
+        print(f"{plan[1]}x{plan[0]:<6}{pure[plan]:>11.0f}{statistics.median(png):>10.0f}{statistics.median(npy):>10.0f}"
               f"   {' '.join(f'{v:.0f}' for v in png)} | {' '.join(f'{v:.0f}' for v in npy)}")
 
 
 def _pure(model: Path, plans, rounds: int) -> dict:
     from gantk.backends import open_backend
 
-    z = np.random.default_rng(0).standard_normal((256, 100, 1, 1), dtype=np.float32)
     runs = {plan: open_backend("onnxruntime", model, provider="cpu", threads=plan[0], streams=plan[1])
             for plan in plans}
-    z = z.reshape(256, *runs[plans[0]].latent_shape)
+    z = np.random.default_rng(0).standard_normal((256, *runs[plans[0]].latent_shape), dtype=np.float32)
     rates: dict = {plan: [] for plan in plans}
     for be in runs.values():
         be(z)
@@ -66,7 +65,7 @@ def _end_to_end(model: Path, plans, count: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="gantk-streams-") as tmp:
         for r in range(rounds):
             for plan, fmt in keys[r % len(keys):] + keys[:r % len(keys)]:
-                out = Path(tmp) / f"{fmt}-{plan[0]}x{plan[1]}"
+                out = Path(tmp) / f"{fmt}-{plan[1]}x{plan[0]}"
                 s = generate(Request(out=out, count=count, fmt=fmt), model=model, provider="cpu",
                              threads=plan[0], streams=plan[1])
                 rates[(plan, fmt)].append(s["images_per_s"])

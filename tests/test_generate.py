@@ -84,12 +84,12 @@ def test_streams_write_the_bytes_of_one_run(exported, tmp_path):
     r = gen(exported["onnx"], tmp_path / "npy", "--count", "40", "--format", "npy", "--json")
     from PIL import Image
 
-    from gantk.backends import cores
+    from gantk.backends import MAX_STREAMS, cores
 
     assert np.array_equal(np.load(next((tmp_path / "npy").glob("*.npy"))),
                           np.stack([np.asarray(Image.open(tmp_path / "s1" / f"{i:06d}.png")) for i in range(40)]))
 
-    assert json.loads(r.stdout)["settings"]["streams"] == cores()
+    assert json.loads(r.stdout)["settings"]["streams"] == min(cores(), MAX_STREAMS)
 
 
 def test_cpu_plan_defaults(monkeypatch):
@@ -102,7 +102,7 @@ def test_cpu_plan_defaults(monkeypatch):
     assert backends.cpu_plan("torch", None, None, fmt="npy") == (1, 1)
     monkeypatch.setattr(backends, "cores", lambda: 16)
     assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 4)
-    assert backends.cpu_plan("onnxruntime", None, None, fmt="npy") == (1, 16)
+    assert backends.cpu_plan("onnxruntime", None, None, fmt="npy") == (1, backends.MAX_STREAMS)
     assert backends.cpu_plan("torchscript", None, None) == (4, 1)
 
 
@@ -112,7 +112,7 @@ def test_npy_keeps_the_workers_png_would_have(exported, tmp_path, monkeypatch):
 
     monkeypatch.setattr(backends, "cores", lambda: 16)
     doc = json.loads(gen(exported["onnx"], tmp_path / "npy", "--count", "40", "--format", "npy", "--json").stdout)
-    assert (doc["writers"], doc["settings"]["streams"]) == (12, 16)
+    assert (doc["writers"], doc["settings"]["streams"]) == (12, backends.MAX_STREAMS)
 
 
 def test_split_range_and_shards_equal_one_run(exported, tmp_path):

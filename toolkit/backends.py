@@ -31,6 +31,7 @@ log = logging.getLogger("gantk")
 BACKENDS = ("onnxruntime", "torchscript", "torch")
 PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
 IMAGE_SHAPE = (1, 32, 32)
+MAX_STREAMS = 8   # default onnxruntime CPU streams for npy, at most (more is unmeasured)
 FIXED_BATCH = 64  # compute shape of the torch backends on CPU (position in a fixed-shape batch is invariant)
 ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -78,11 +79,12 @@ def default_threads() -> int:
 
 
 def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_size: int = 256,
-                 threads: int | None = None, streams: int | None = None) -> Backend:
+                 threads: int | None = None, streams: int | None = None, fmt: str = "png") -> Backend:
     """Load `path` as backend `kind`; UsageError/CheckpointError before anything runs if it cannot.
 
     `streams` (onnxruntime on the CPU): that many concurrent runs, each on its own slice of the batch
-    with `threads` intra-op threads (OpenVINO's throughput streams; see `default_streams`)."""
+    with `threads` intra-op threads (OpenVINO's throughput streams). Defaults: `cpu_plan` for the output
+    format `fmt`."""
     if kind not in BACKENDS:
         raise UsageError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")
     if provider not in PROVIDERS:
@@ -90,21 +92,22 @@ def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_s
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
-    threads, streams = cpu_plan(kind, threads, streams)
+    plan = cpu_plan(kind, threads, streams, fmt=fmt)
     if kind == "onnxruntime":
-        return _open_onnx(path, provider=provider, batch_size=batch_size, threads=threads, streams=streams)
+        return _open_onnx(path, provider=provider, batch_size=batch_size, plan=plan, streams_asked=streams)
     opener = {"torchscript": _open_torchscript, "torch": _open_torch}[kind]
-    return opener(path, provider=provider, batch_size=batch_size, threads=threads)
+    return opener(path, provider=provider, batch_size=batch_size, threads=plan[0])
 
 
 def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = "png") -> tuple[int, int]:
     """(intra-op threads, streams) for backend `kind` on the CPU, defaults filled in.
 
     onnxruntime's default is one thread per stream, as many streams as inference gets cores: all of them
-    for `.npy` (no PNGs to write), `default_threads()` for PNGs. Streams use the cores better than
-    intra-op threads: on the 2-core CPU, 2 streams of 1 thread ran at 88% of the 2-thread fp32 matmul
-    peak, 1 stream of 2 threads at 62% (2026-11-30, BENCHMARKS.md); generate --count 10000 --format npy
-    3,734 against 2,575 img/s. Only measured on 2 cores."""
+    for `.npy` (no PNGs to write; at most MAX_STREAMS), `default_threads()` for PNGs. Streams use the
+    cores better than intra-op threads: on the 2-core CPU, 2 streams of 1 thread ran at 79-88% of the
+    2-thread fp32 matmul peak, 1 stream of 2 threads at 52-62% (2026-11-30, BENCHMARKS.md); generate
+    --count 10000 --format npy 3,734 against 2,486-2,575 img/s. Only measured on 2 cores. `--threads`
+    alone means one stream of that many threads."""
     for name, v in (("--threads", threads), ("--streams", streams)):
         if v is not None and v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
@@ -113,7 +116,7 @@ def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = 
     if kind != "onnxruntime":
         return threads or default_threads(), 1
     if threads is None and streams is None:
-        return 1, cores() if fmt == "npy" else default_threads()
+        return 1, min(cores(), MAX_STREAMS) if fmt == "npy" else default_threads()
     return threads or 1, streams or 1
 
 
@@ -173,15 +176,21 @@ def _import_ort():
     return ort
 
 
-def _open_onnx(path: Path, *, provider: str, batch_size: int, threads: int, streams: int) -> Backend:
+def _open_onnx(path: Path, *, provider: str, batch_size: int, plan: tuple[int, int],
+               streams_asked: int | None) -> Backend:
     reason = None if provider == "cpu" else _cuda_reason()  # torch first: its CUDA libs become visible
     ort = _import_ort()
     reason = None if provider == "cpu" else _ort_cuda_reason(ort, reason)
     wanted, warnings = _wanted_provider(ort, provider, reason)
+    # the CPU plan is the CPU's; a GPU session keeps the intra-op threads it was measured with
+    threads, streams = plan if wanted == "cpu" else (default_threads(), 1)
     session = _session(ort, path, wanted=wanted, threads=threads)
     active = _active_provider(session.get_providers())
     if active != wanted:
         warnings += _not_active(provider, wanted, active, reason)
+    if active != "cpu" and (streams_asked or 1) > 1:
+        warnings.append(f"--streams {streams_asked} is for the CPU provider; {active} runs one stream")
+        log.warning(warnings[-1])
     meta = check_metadata(session.get_modelmeta().custom_metadata_map, path)
     _check_io(session, meta, path)
     bound = IOBound(ort, session, meta["latent_shape"], batch_size) if active != "cpu" else None

@@ -107,10 +107,8 @@ def _torch_runner(module, threads: int) -> Runner:
 
 def cpu_paths(g, files: dict[str, Path], *, threads: list[int]) -> list[Route]:
     """The CPU paths: eager first (it is the parity reference), the default onnxruntime one after."""
-    from .backends import open_backend
+    from .backends import cpu_plan, open_backend
     from .exporters.fold import channels_last
-
-    from .backends import cores
 
     t0 = threads[0]
     ort = lambda f, t, s=1: (lambda bs: open_backend("onnxruntime", f, provider="cpu", threads=t,  # noqa: E731
@@ -121,11 +119,14 @@ def cpu_paths(g, files: dict[str, Path], *, threads: list[int]) -> list[Route]:
              Route("torch-bf16", "bf16", t0, "cpu",
                    lambda bs: _torch_runner(channels_last(g, dtype="bf16"), t0), "not in generate: >1 level off"),
              Route("torchscript", "fp32", t0, "cpu", lambda bs: _torchscript(files["torchscript"], t0))]
-    paths += [Route("onnxruntime", "fp32", t, "cpu", ort(files["onnx"], t),
-                    "generate default" if t == t0 else "") for t in threads]
-    if cores() > 1:
-        paths.append(Route("onnxruntime", "fp32", 1, "cpu", ort(files["onnx"], 1, cores()),
-                           f"{cores()} streams of 1 thread (generate default for npy)", streams=cores()))
+    defaults = {"generate default": cpu_plan("onnxruntime", None, None, fmt="png"),
+                "generate default for npy": cpu_plan("onnxruntime", None, None, fmt="npy")}
+    plans = [(t, 1) for t in threads] + list(defaults.values())
+    for t, n in dict.fromkeys(plans):
+        note = ", ".join(k for k, p in defaults.items() if p == (t, n))
+        paths.append(Route("onnxruntime", "fp32", t, "cpu", ort(files["onnx"], t, n),
+                           f"{n} streams of {t} thread{'s' if t > 1 else ''}" + (f"; {note}" if note else "")
+                           if n > 1 else note, streams=n))
     paths.append(Route("onnxruntime", "fp16", t0, "cpu", ort(files["onnx-fp16"], t0), "fp16 export"))
     return paths
 
@@ -383,7 +384,7 @@ def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threa
                      repeats: int) -> list[dict]:
     """Each end-to-end run `repeats` times, interleaved like the routes (the order rotated each round, every
     output folder deleted after its run): writing thousands of files is the noisiest part of the bench.
-    A row is its median run, with every run's rate in `runs`."""
+    A row is its median run (of an even count, the slower middle one), with every run's rate in `runs`."""
     onnx = files["onnx"]
     runs: list[tuple[str, Callable[[Path], dict]]] = [
         ("baseline", lambda out: seed_style_baseline(g, out=out, count=count)),

@@ -739,30 +739,30 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
         distributed.shutdown(created)
 
 
-def _generate(req, model, backend, provider, plan, progress, world) -> dict[str, Any]:
+def _generate(req, model, backend, provider, asked, progress, world) -> dict[str, Any]:
     from .backends import cpu_plan
 
     check_request(req)
     check_out(Path(req.out))
     # the workers leave inference the cores it takes for PNGs, even for npy, whose extra CPU streams are
     # idle when a GPU runs (the provider is known only once the backend is open, after the fork)
-    threads, streams = cpu_plan(backend, *plan, fmt="png")
+    threads, streams = cpu_plan(backend, *asked, fmt="png")
     req = dataclasses.replace(req, writers=req.writers or default_writers(threads * streams))
-    plan = cpu_plan(backend, *plan, fmt=req.fmt)
     with executor(req.writers, len(req.indices())) as pool:  # before the backend: see `executor`
         try:
-            return _open_and_write(req, model, backend, provider, plan, progress, world, pool)
+            return _open_and_write(req, model, backend, provider, asked, progress, world, pool)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # drop noise drawn ahead; finish what runs
             raise
 
 
-def _open_and_write(req, model, backend, provider, plan, progress, world, pool) -> dict[str, Any]:
+def _open_and_write(req, model, backend, provider, asked, progress, world, pool) -> dict[str, Any]:
     from .backends import open_backend
     from .checkpoint import sha256
 
     out = Path(req.out)
-    be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=plan[0], streams=plan[1])
+    be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=asked[0],
+                      streams=asked[1], fmt=req.fmt)
     identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
                 "latent_shape": list(be.latent_shape)}
     folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
