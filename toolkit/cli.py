@@ -254,9 +254,12 @@ def doctor(as_json: bool) -> None:
 @click.option("--no-parity", is_flag=True, help="Generate without the parity check against PyTorch.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Checkpoint to check parity against [default: the source named in the model's metadata].")
-@click.option("--threads", type=int, default=None, help="Intra-op threads on the CPU [default: measured choice].")
+@click.option("--threads", type=int, default=None,
+              help="Intra-op threads on the CPU, per stream; alone: one stream of that many [default: 1 per stream "
+                   "for onnxruntime, measured choice for torch].")
 @click.option("--streams", type=int, default=None,
-              help="onnxruntime on the CPU: concurrent runs, each on a slice of the batch [default: measured choice].")
+              help="onnxruntime on the CPU: concurrent runs, each on a slice of the batch [default: one per core "
+                   "inference gets; see README].")
 @click.option("--writers", type=int, default=None,
               help="Worker processes for noise and PNGs [default: the cores inference leaves, at least 2].")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
