@@ -15,7 +15,8 @@ runs through fp32 arithmetic, are set against the fp32 peak); parity against eag
 fp32 on the same noise (max abs diff, share of uint8 pixels off, most levels a pixel moved); and end
 to end, the median of up to 3 interleaved runs each: `generate --count N` for the default path
 (onnxruntime, fp32, default batch, threads and streams), its npy variant, the TorchScript backend, and
-the seed-style baseline (eager fp32, batch 32, one PNG saved at a time).
+the seed-style baseline (eager fp32, batch 32, one PNG saved at a time), each with where its time went
+(generate's `timing`: inference, and the inference thread's waits for noise and PNG workers).
 
 The library returns one dict (the `--json` document); `format_table` renders it for people.
 """
@@ -247,7 +248,7 @@ def end_to_end(model: Path, backend: str, *, out: Path, count: int, fmt: str = "
         "intra_op_num_threads", s["settings"].get("threads")), "streams": s["settings"].get("streams") or 1,
             "batch_size": s["batch_size"],
             "seconds": s["seconds"], "wall_s": round(time.perf_counter() - t0, 3),
-            "images_per_s": s["images_per_s"], "parity": s["parity"].get("status")}
+            "images_per_s": s["images_per_s"], "parity": s["parity"].get("status"), "timing": s["timing"]}
 
 
 def seed_style_baseline(g, *, out: Path, count: int) -> dict[str, Any]:
@@ -494,13 +495,20 @@ def _threads(r: dict[str, Any]) -> str:
 
 def _e2e_header() -> str:
     return (f"{'end to end':<22}{'fmt':<5}{'thr':>5}{'batch':>6}{'count':>7}{'img/s':>9}{'timed s':>9}{'wall s':>8}"
-            f"  {'parity':<8}img/s of each run (the median's figures to the left)")
+            f"{'infer s':>9}{'wait s':>8}  {'parity':<8}img/s of each run (the median's figures to the left)")
 
 
 def _e2e_line(r: dict[str, Any]) -> str:
     return (f"{r['backend']:<22}{r['format']:<5}{_threads(r):>5}{r['batch_size']:>6}{r['count']:>7}"
-            f"{r['images_per_s']:>9.0f}{r['seconds']:>9.2f}{r['wall_s']:>8.2f}  {r['parity']:<8}"
+            f"{r['images_per_s']:>9.0f}{r['seconds']:>9.2f}{r['wall_s']:>8.2f}{_seconds(r, 'inference'):>9}"
+            f"{_seconds(r, 'png_wait', 'noise_wait'):>8}  {r['parity']:<8}"
             + " ".join(f"{v:.0f}" for v in r.get("runs", [])))
+
+
+def _seconds(r: dict[str, Any], *keys: str) -> str:
+    """Seconds of generate's timing stages (`summary.json`'s `timing`); '-' for the baseline, which has none."""
+    timing = r.get("timing")
+    return f"{sum(timing.get(k, 0.0) for k in keys):.2f}" if timing else "-"
 
 
 def _targets_text(t: dict[str, Any]) -> str:
