@@ -16,10 +16,10 @@ under a POSIX lock on `.gantk-lock` there), write exactly the files of the unsha
 The output folder holds `<index:06d>.png` (or one `images-<first>-<stop>[-shard<k>of<n>].npy`),
 `manifest.json` (identity: model sha256, seed, format; then index, file, sha256 per image) and
 `summary.json` (what ran where, how fast, the parity figures); `grid.png` with `grid=True`; and the
-empty `.gantk-lock`. Every file is written to a temp file in the folder and moved into place with `os.replace`. PNGs are
-not fsynced one by one (5 ms each); instead every run checks each recorded file's sha256, so a file
-lost or damaged by a crash, or by anyone, is found and rewritten. Files gantk did not write are never
-deleted or overwritten.
+empty `.gantk-lock`. Every file is written to a temp file in the folder and moved into place with
+`os.replace`. PNGs are not fsynced one by one (5 ms each); instead every run checks each recorded
+file's sha256, so a file lost or damaged by a crash, or by anyone, is found and rewritten. Files gantk
+did not write are never deleted or overwritten.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ NOISE_AHEAD = 2        # batches whose noise is drawn ahead of inference, at lea
 PROCESS_MIN_IMAGES = 2048  # from this many images on, workers are processes (see `executor`)
 MAX_WRITERS = 16
 FLUSH_SECONDS = 2.0    # manifest checkpoint interval during a run
-STALE_TEMP_S = 3600.0  # a temp file this old belongs to no write in flight (clocks of a shared folder's hosts may differ)
+STALE_TEMP_S = 3600.0  # a temp file this old belongs to no write in flight, even with hosts' clocks apart
 LOCK = ".gantk-lock"   # in the output folder: runs writing into it at once take turns at the manifest
 HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"  # in temp file names
 GRID_COLS, GRID_MAX = 8, 64
@@ -255,7 +255,6 @@ class Folder:
         self._next_flush = time.monotonic() + max(FLUSH_SECONDS, 10 * cost)
         return True
 
-
     def _take_in(self, doc: dict[str, Any] | None) -> None:
         """Entries another run of this identity recorded on disk since this one read the manifest."""
         if doc is not None and doc["identity"] == self.identity:
@@ -387,7 +386,7 @@ def _clean_temps(out: Path) -> None:
 
 
 def _temp_owner(name: str) -> tuple[str | None, int | None]:
-    """(host, pid) from `_write_atomic`'s temp name (<prefix><file>-<host>-<pid>-<thread>); None, None in others."""
+    """(host, pid) from `_write_atomic`'s temp name, <prefix><file>-<host>-<pid>-<thread>; else Nones."""
     parts = name.rsplit("-", 3)
     if len(parts) == 4 and parts[2].isdigit():
         return parts[1], int(parts[2])
