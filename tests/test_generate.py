@@ -151,10 +151,13 @@ def test_manifest_flush_takes_in_what_another_run_recorded(tmp_path):
     a.files[0] = {"file": "000000.png", "sha256": "x0"}
     a.flush()
     b.files[1] = {"file": "000001.png", "sha256": "x1"}
+    b.arrays["images-000000-000040-shard1of2.npy"] = {"file": "images-000000-000040-shard1of2.npy", "sha256": "n"}
     b.flush()
     a.files[2] = {"file": "000002.png", "sha256": "x2"}
+    a.arrays["images-000000-000040-shard0of2.npy"] = {"file": "images-000000-000040-shard0of2.npy", "sha256": "m"}
     a.flush()
-    assert [r["index"] for r in read_manifest(tmp_path)["files"]] == [0, 1, 2]
+    doc = read_manifest(tmp_path)
+    assert [r["index"] for r in doc["files"]] == [0, 1, 2] and len(doc["arrays"]) == 2
     other = Folder(tmp_path, {**ident, "seed": 1})
     other.files[5] = {"file": "000005.png", "sha256": "y"}
     with pytest.raises(GantkError, match="different model/seed/format"):
