@@ -1,5 +1,5 @@
 """Digits from the bench's bf16 route (and eager fp32, same noise) as .npy files for `gantk eval`: what
-bf16 costs in quality, since it is not a generate backend.
+bf16 costs in quality. (`gantk eval CKPT-bf16.pt`, the bf16 TorchScript export, scores the same module.)
 
     python benchmarks/bf16_samples.py --checkpoint CKPT --out DIR [--count 5000]
     gantk eval CKPT DIR/fp32-eager.npy DIR/bf16-route.npy --count 5000 --classifier CLF --reference REF

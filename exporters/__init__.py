@@ -26,11 +26,12 @@ SUFFIXES = {"onnx": onnx.SUFFIX, "torchscript": torchscript.SUFFIX}
 __all__ = ["EXPORTERS", "SUFFIXES", "ExportReport", "Source", "default_out", "read_metadata", "export_kind"]
 
 
-def default_out(checkpoint: str | Path, fmt: str) -> Path:
-    """runs/<run>/export/generator.onnx (or .pt) for a checkpoint inside runs/<run>/checkpoints/."""
+def default_out(checkpoint: str | Path, fmt: str, dtype: str = "fp32") -> Path:
+    """runs/<run>/export/generator.onnx (or .pt; generator-fp16.onnx, generator-bf16.pt in reduced precision,
+    so they never replace the fp32 file generate uses by default) for a checkpoint in runs/<run>/checkpoints/."""
     checkpoint = Path(checkpoint)
     run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return run / "export" / f"generator{SUFFIXES[fmt]}"
+    return run / "export" / f"generator{'' if dtype == 'fp32' else '-' + dtype}{SUFFIXES[fmt]}"
 
 
 def export_kind(path: str | Path) -> str:

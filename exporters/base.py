@@ -22,7 +22,7 @@ OUTPUT_NAME = "image"
 OUTPUT_RANGE = "[-1, 1]"
 META_KEYS = ("gantk_format", "kind", "arch", "latent_shape", "output_range", "input_name", "output_name",
              "dtype", "source_checkpoint", "source_sha256", "step", "versions")
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)

@@ -89,9 +89,8 @@ def channels_last(g, *, dtype: str = "fp32"):
     `gantk bench` measures both. On the 2-core AVX-512 CPU (no AMX): fp32 about 1.1-1.4x eager NCHW,
     bf16 about 2-3x. The first layer holds 2% of the dcgan's FLOPs but, in bf16, moved the trained MNIST
     dcgan's pixels by up to 8 uint8 levels on its own; in fp32 the worst pixel moves 2-3 levels for 7%
-    of the speed (benchmarks/bf16_levels.py). Still more than one level, so bf16 is a measured route
-    only, not a generate backend. The stride-1 Conv rewrite is not applied: in channels_last it
-    measured no faster in torch.
+    of the speed (benchmarks/bf16_levels.py). The bf16 TorchScript export is this module. The stride-1
+    Conv rewrite is not applied: in channels_last it measured no faster in torch.
     """
     import torch
 

@@ -52,6 +52,9 @@ def export(source: Source | str | Path, out: str | Path, *, opset: int | None = 
 
 def check_options(*, opset: int, dtype: str) -> None:
     check_dtype(dtype)
+    if dtype == "bf16":
+        raise UsageError("bf16 is a TorchScript option (onnxruntime has no bf16 convolutions on the CPU); "
+                         "use --format torchscript --dtype bf16")
     lo, hi = OPSET_RANGE
     if not lo <= opset <= hi:
         raise UsageError(f"opset {opset} out of range (supported: {lo} to {hi})")

@@ -110,6 +110,8 @@ def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
     assert [e["backend"] for e in doc["end_to_end"]][:2] == ["seed-style baseline", "onnxruntime"]
     assert all(e["parity"] in ("passed", "n/a") and len(e["runs"]) == 1 for e in doc["end_to_end"])
     assert doc["targets"]["default_e2e_vs_baseline"] > 0 and doc["peaks_gflops"]["fp32@1"] > 0
+    low = doc["targets"]["fastest_reduced_precision"]
+    assert low["bf16_png_e2e_vs_baseline"] > 0 and low["bf16_npy_e2e_vs_baseline"] > 0
     assert "target fastest fp32" in bench_mod.format_table(doc)
 
 

@@ -184,6 +184,49 @@ def test_torchscript_is_frozen_and_example_runs(ts_export, tmp_path):
 # ------------------------------------------------------------------------------------------ validation
 
 
+def test_torchscript_bf16_validates_beside_the_fp32_exports(ckpt, run_dir, ts_export):
+    before = {p.name: p.read_bytes() for p in (run_dir / "export").glob("*")}
+    r = _export(["--format", "torchscript", "--dtype", "bf16", "--checkpoint", str(ckpt), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    out = run_dir / "export" / "generator-bf16.pt"  # the fp32 files generate reads by default stay as they were
+    assert report["path"] == str(out) and report["dtype"] == "bf16" and report["atol"] == TOLERANCE["bf16"]
+    assert 0 < report["max_abs_diff"] <= TOLERANCE["bf16"]
+    assert read_metadata(out)["dtype"] == "bf16"
+    assert {p.name: p.read_bytes() for p in (run_dir / "export").glob("*") if p.name in before} == before
+    assert out.stat().st_size < 0.75 * ts_export[0].stat().st_size  # bf16 weights
+
+
+def test_torchscript_bf16_with_a_wrong_fold_fails(tmp_path, monkeypatch):
+    """BatchNorm folded without its shift, on the default architecture with non-trivial statistics."""
+    import torch
+
+    from gantk.errors import VerificationError
+    from gantk.exporters import fold
+    from gantk.models import build
+
+    torch.manual_seed(0)
+    g, _ = build("dcgan")
+    for m in g.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.2, 0.2)
+    src = Source.from_generator(g.eval(), arch="dcgan")
+    assert EXPORTERS["torchscript"](src, tmp_path / "ok.pt", dtype="bf16").max_abs_diff <= TOLERANCE["bf16"]
+    merge = fold._merge
+
+    def no_shift(conv, bn):
+        merged = merge(conv, bn)
+        merged.bias = torch.nn.Parameter(torch.zeros_like(merged.bias), requires_grad=False)
+        return merged
+
+    monkeypatch.setattr(fold, "_merge", no_shift)
+    with pytest.raises(VerificationError, match="max abs diff"):
+        EXPORTERS["torchscript"](src, tmp_path / "bad.pt", dtype="bf16")
+    assert not (tmp_path / "bad.pt").exists()
+
+
 def test_perturbed_weight_fails_and_keeps_existing_out(ckpt, tmp_path, monkeypatch):
     """One weight of the exported graph nudged by 0.01: exit 4 with the figures, the old file untouched."""
     import onnx.numpy_helper as nh
@@ -229,7 +272,7 @@ def test_batch_statistics_fail(ckpt, tmp_path, monkeypatch):
 
     from gantk.exporters import torchscript as ts_exporter
 
-    def batch_statistics(src):
+    def batch_statistics(src, dtype="fp32"):
         g = copy.deepcopy(src.generator).train()
         with ts_exporter._quiet_jit():
             return torch.jit.script(g)
@@ -300,7 +343,8 @@ def test_bad_checkpoints_exit_2(ckpt, tmp_path):
     (["--opset", "15"], 2, "opset 15 out of range"),
     (["--opset", "27"], 2, "opset 27 out of range"),
     (["--format", "tflite"], 2, "tflite"),
-    (["--format", "torchscript", "--dtype", "fp16"], 2, "fp32 only"),
+    (["--format", "torchscript", "--dtype", "fp16"], 2, "fp16 is an ONNX option"),
+    (["--format", "onnx", "--dtype", "bf16"], 2, "bf16 is a TorchScript option"),
     (["--format", "torchscript", "--opset", "18"], 2, "ONNX only"),
     (["--atol", "-1"], 2, "--atol must be a positive number"),
 ])

@@ -92,6 +92,23 @@ def test_streams_write_the_bytes_of_one_run(exported, tmp_path):
     assert json.loads(r.stdout)["settings"]["streams"] == min(cores(), MAX_STREAMS)
 
 
+def test_bf16_torchscript_generates_batch_invariant_with_its_tolerance(exported, tmp_path, monkeypatch):
+    from gantk import backends
+    from gantk.exporters import EXPORTERS
+    from gantk.exporters.validate import TOLERANCE
+
+    model = tmp_path / "g-bf16.pt"
+    EXPORTERS["torchscript"](exported["ckpt"], model, dtype="bf16")
+    monkeypatch.setattr(backends, "native_bf16", lambda: True)
+    a = json.loads(gen(model, tmp_path / "a", "--backend", "torchscript", "--count", "70", "--json").stdout)
+    gen(model, tmp_path / "b", "--backend", "torchscript", "--count", "70", "--batch-size", "9")
+    assert pngs(tmp_path / "a") == pngs(tmp_path / "b") and a["parity"]["atol"] == TOLERANCE["bf16"]
+    assert a["warnings"] == [] and a["parity"]["max_abs_diff"] > 1e-4  # it did run in bf16
+    monkeypatch.setattr(backends, "native_bf16", lambda: False)  # a CPU without AVX512-BF16/AMX: said
+    r = gen(model, tmp_path / "c", "--backend", "torchscript", "--count", "5", "--json")
+    assert "emulated" in r.stderr and json.loads(r.stdout)["warnings"]
+
+
 def test_cpu_plan_defaults(monkeypatch):
     from gantk import backends
 
@@ -99,11 +116,13 @@ def test_cpu_plan_defaults(monkeypatch):
     assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 1)
     assert backends.cpu_plan("onnxruntime", None, None, fmt="npy") == (1, 2)
     assert backends.cpu_plan("onnxruntime", 2, None) == (2, 1)
-    assert backends.cpu_plan("torch", None, None, fmt="npy") == (1, 1)
+    assert backends.cpu_plan("torch", None, None, fmt="png") == (1, 1)
+    assert backends.cpu_plan("torch", None, None, fmt="npy") == (2, 1)  # no PNGs: every core infers
     monkeypatch.setattr(backends, "cores", lambda: 16)
     assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 4)
     assert backends.cpu_plan("onnxruntime", None, None, fmt="npy") == (1, backends.MAX_STREAMS)
     assert backends.cpu_plan("torchscript", None, None) == (4, 1)
+    assert backends.cpu_plan("torchscript", None, None, fmt="npy") == (backends.MAX_STREAMS, 1)
 
 
 def test_npy_keeps_the_workers_png_would_have(exported, tmp_path, monkeypatch):

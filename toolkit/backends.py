@@ -103,7 +103,8 @@ def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = 
     """(intra-op threads, streams) for backend `kind` on the CPU, defaults filled in.
 
     onnxruntime's default is one thread per stream, as many streams as inference gets cores: all of them
-    for `.npy` (no PNGs to write; at most MAX_STREAMS), `default_threads()` for PNGs. Streams use the
+    for `.npy` (no PNGs to write; at most MAX_STREAMS), `default_threads()` for PNGs; the torch backends
+    take the same cores as intra-op threads. Streams use the
     cores better than intra-op threads: on the 2-core CPU, 2 streams of 1 thread ran at 79-88% of the
     2-thread fp32 matmul peak, 1 stream of 2 threads at 52-62% (2026-11-30, BENCHMARKS.md); generate
     --count 10000 --format npy 3,734 against 2,486-2,575 img/s. Only measured on 2 cores. `--threads`
@@ -114,7 +115,7 @@ def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = 
     if streams is not None and streams > 1 and kind != "onnxruntime":
         raise UsageError(f"--streams is for --backend onnxruntime (on the CPU), not {kind}")
     if kind != "onnxruntime":
-        return threads or default_threads(), 1
+        return threads or (min(cores(), MAX_STREAMS) if fmt == "npy" else default_threads()), 1
     if threads is None and streams is None:
         return 1, min(cores(), MAX_STREAMS) if fmt == "npy" else default_threads()
     return threads or 1, streams or 1
@@ -407,4 +408,16 @@ def _torch_backend(name, path, module, meta, provider, batch_size, threads) -> B
     batch = FIXED_BATCH if device == "cpu" else batch_size
     run = _torch_runner(module, target, batch, tuple(meta["latent_shape"]), threads)
     settings = {"device": device, "fixed_batch": batch, "threads": threads if device == "cpu" else None}
-    return Backend(name, path, device, meta, run, settings)
+    warnings = []
+    if device == "cpu" and meta.get("dtype") == "bf16" and not native_bf16():
+        warnings.append("this CPU has neither AVX512-BF16 nor AMX: the bf16 model runs emulated, slower than fp32")
+        log.warning(warnings[-1])
+    return Backend(name, path, device, meta, run, settings, warnings)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), as torch's oneDNN sees it."""
+    import torch
+
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(p() for p in probes if p is not None)

@@ -14,9 +14,10 @@ the same dtype at the same thread count, timed in the same interleaved loop (fp1
 runs through fp32 arithmetic, are set against the fp32 peak); parity against eager
 fp32 on the same noise (max abs diff, share of uint8 pixels off, most levels a pixel moved); and end
 to end, the median of up to 3 interleaved runs each: `generate --count N` for the default path
-(onnxruntime, fp32, default batch, threads and streams), its npy variant, the TorchScript backend, and
-the seed-style baseline (eager fp32, batch 32, one PNG saved at a time), each with where its time went
-(generate's `timing`: inference, and the inference thread's waits for noise and PNG workers).
+(onnxruntime, fp32, default batch, threads and streams), its npy variant, the TorchScript backend, the
+bf16 TorchScript export to PNGs and npy, and the seed-style baseline (eager fp32, batch 32, one PNG
+saved at a time), each with where its time went (generate's `timing`: inference, and the inference
+thread's waits for noise and PNG workers).
 
 The library returns one dict (the `--json` document); `format_table` renders it for people.
 """
@@ -84,11 +85,12 @@ def _exports(checkpoint: Path, onnx: Path | None, work: Path) -> dict[str, Path]
     from .exporters import EXPORTERS
 
     files = {"onnx": onnx or work / "generator.onnx", "torchscript": work / "generator.pt",
-             "onnx-fp16": work / "generator-fp16.onnx"}
+             "onnx-fp16": work / "generator-fp16.onnx", "torchscript-bf16": work / "generator-bf16.pt"}
     if onnx is None:
         EXPORTERS["onnx"](checkpoint, files["onnx"])
     EXPORTERS["torchscript"](checkpoint, files["torchscript"])
     EXPORTERS["onnx"](checkpoint, files["onnx-fp16"], dtype="fp16")
+    EXPORTERS["torchscript"](checkpoint, files["torchscript-bf16"], dtype="bf16")
     return files
 
 
@@ -118,7 +120,7 @@ def cpu_paths(g, files: dict[str, Path], *, threads: list[int]) -> list[Route]:
              Route("torch folded+cl", "fp32", t0, "cpu",
                    lambda bs: _torch_runner(channels_last(g, dtype="fp32"), t0), "BN folded, channels_last"),
              Route("torch-bf16", "bf16", t0, "cpu",
-                   lambda bs: _torch_runner(channels_last(g, dtype="bf16"), t0), "not in generate: >1 level off"),
+                   lambda bs: _torch_runner(channels_last(g, dtype="bf16"), t0), "= export --dtype bf16 (TorchScript)"),
              Route("torchscript", "fp32", t0, "cpu", lambda bs: _torchscript(files["torchscript"], t0))]
     defaults = {"generate default": cpu_plan("onnxruntime", None, None, fmt="png"),
                 "generate default for npy": cpu_plan("onnxruntime", None, None, fmt="npy")}
@@ -237,14 +239,14 @@ def parity(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 
 def end_to_end(model: Path, backend: str, *, out: Path, count: int, fmt: str = "png",
-               threads: int | None = None) -> dict[str, Any]:
+               threads: int | None = None, label: str | None = None) -> dict[str, Any]:
     """`generate` as the command runs it, defaults unless `threads`; the timed phase and the wall time."""
     from .generate import Request, generate
 
     t0 = time.perf_counter()
     s = generate(Request(out=out, count=count, fmt=fmt), model=model, backend=backend, provider="cpu",
                  threads=threads)
-    return {"backend": backend, "format": fmt, "count": count, "threads": s["settings"].get(
+    return {"backend": label or backend, "format": fmt, "count": count, "threads": s["settings"].get(
         "intra_op_num_threads", s["settings"].get("threads")), "streams": s["settings"].get("streams") or 1,
             "batch_size": s["batch_size"],
             "seconds": s["seconds"], "wall_s": round(time.perf_counter() - t0, 3),
@@ -393,7 +395,10 @@ def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threa
         *[(f"t{t}", lambda out, t=t: end_to_end(onnx, "onnxruntime", out=out, count=count, threads=t))
           for t in threads[1:]],
         ("npy", lambda out: end_to_end(onnx, "onnxruntime", out=out, count=count, fmt="npy")),
-        ("torchscript", lambda out: end_to_end(files["torchscript"], "torchscript", out=out, count=count))]
+        ("torchscript", lambda out: end_to_end(files["torchscript"], "torchscript", out=out, count=count)),
+        *[(f"bf16-{fmt}", lambda out, fmt=fmt: end_to_end(files["torchscript-bf16"], "torchscript", out=out,
+                                                          count=count, fmt=fmt, label="torchscript bf16"))
+          for fmt in ("png", "npy")]]
     done: dict[str, list[dict]] = {key: [] for key, _ in runs}
     for r in range(repeats):
         shift = r % len(runs)
@@ -448,7 +453,10 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
             "fastest_reduced_precision": {**{k: best_low[k] for k in ("route", "precision", "threads", "batch",
                                                                        "max_levels_off", "pixels_off")},
                                           "pure_vs_baseline_e2e": _ratio(best_low["images_per_s"], base),
-                                          "vs_fastest_fp32": _ratio(best_low["images_per_s"], best["images_per_s"])}}
+                                          "vs_fastest_fp32": _ratio(best_low["images_per_s"], best["images_per_s"]),
+                                          **{f"bf16_{fmt}_e2e_vs_baseline": _ratio(e["images_per_s"], base)
+                                             for e in doc["end_to_end"] for fmt in ("png", "npy")
+                                             if (e["backend"], e["format"]) == ("torchscript bf16", fmt)}}}
 
 
 def _row(doc, route: str, precision: str, threads: int, streams: int, batch: int) -> dict | None:
@@ -519,7 +527,8 @@ def _targets_text(t: dict[str, Any]) -> str:
         f"target default e2e >= 90% of its pure inference: {fmt(t['default_e2e_vs_own_pure'])}",
         f"target fastest fp32 >= 80% of fp32 matmul peak: {f['route']} t{_threads(f)} batch {f['batch']} "
         f"{f['images_per_s']:.0f} img/s = {f['peak_share']:.0%}",
-        f"target reduced precision >= 5x baseline, every pixel within one level: {lo['route']} {lo['precision']} "
-        f"pure inference {fmt(lo['pure_vs_baseline_e2e'])} the baseline's end to end "
-        f"({fmt(lo['vs_fastest_fp32'])} the fastest fp32), up to {lo['max_levels_off']} levels off, "
-        f"{lo['pixels_off']:.1%} of pixels moved"])
+        f"target reduced precision >= 5x baseline (10x to npy), every pixel within one level: generate with the "
+        f"bf16 TorchScript export {fmt(lo.get('bf16_png_e2e_vs_baseline'))} to PNGs, "
+        f"{fmt(lo.get('bf16_npy_e2e_vs_baseline'))} to npy; {lo['route']} {lo['precision']} pure inference "
+        f"{fmt(lo['pure_vs_baseline_e2e'])} the baseline's end to end ({fmt(lo['vs_fastest_fp32'])} the fastest "
+        f"fp32), up to {lo['max_levels_off']} levels off, {lo['pixels_off']:.1%} of pixels moved"])

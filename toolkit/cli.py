@@ -340,11 +340,13 @@ def _export_formats() -> list[str]:
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Checkpoint or run folder [default: the newest run's last.pt].")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output file [default: runs/<run>/export/generator.onnx or generator.pt].")
+              help="Output file [default: runs/<run>/export/generator.onnx or generator.pt; generator-<dtype>.* "
+                   "for fp16/bf16].")
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: 20].")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 (ONNX only) computes in half precision with float32 inputs and outputs.")
-@click.option("--atol", type=float, default=None, help="Max abs diff allowed against eager [default: fp32 1e-4, fp16 1e-2].")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="fp16 (ONNX) or bf16 (TorchScript, CPUs with AVX512-BF16/AMX) inside, float32 inputs and outputs.")
+@click.option("--atol", type=float, default=None,
+              help="Max abs diff allowed against eager [default: fp32 1e-4, fp16 1e-2, bf16 4e-2].")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON on stdout.")
 @handle_errors
@@ -357,7 +359,7 @@ def export_cmd(**o: Any) -> None:
         o["checkpoint"] = newest_checkpoint(o["runs_dir"])
         _echo(f"checkpoint: {o['checkpoint']} (newest run)")
     checkpoint = resolve(o["checkpoint"])
-    out = o["out"] or default_out(checkpoint, o["fmt"])
+    out = o["out"] or default_out(checkpoint, o["fmt"], o["dtype"])
     if o["out"] is None:
         _echo(f"out: {out}")
     report = EXPORTERS[o["fmt"]](checkpoint, out, opset=o["opset"], dtype=o["dtype"], atol=o["atol"])
