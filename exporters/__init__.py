@@ -23,7 +23,16 @@ EXPORTERS: dict[str, Callable[..., ExportReport]] = {
 }
 SUFFIXES = {"onnx": onnx.SUFFIX, "torchscript": torchscript.SUFFIX}
 
-__all__ = ["EXPORTERS", "SUFFIXES", "ExportReport", "Source", "default_out", "read_metadata", "export_kind"]
+
+def check_options(fmt: str, *, opset: int | None, dtype: str) -> None:
+    """UsageError for a combination `EXPORTERS[fmt]` refuses, before anything is loaded or named."""
+    if fmt == "onnx":
+        onnx.check_options(opset=onnx.DEFAULT_OPSET if opset is None else opset, dtype=dtype)
+    else:
+        torchscript.check_options(opset=opset, dtype=dtype)
+
+__all__ = ["EXPORTERS", "SUFFIXES", "ExportReport", "Source", "check_options", "default_out", "read_metadata",
+           "export_kind"]
 
 
 def default_out(checkpoint: str | Path, fmt: str, dtype: str = "fp32") -> Path:

@@ -213,7 +213,8 @@ def test_torchscript_bf16_with_a_wrong_fold_fails(tmp_path, monkeypatch):
             m.running_var.uniform_(0.5, 2.0)
             m.bias.data.uniform_(-0.2, 0.2)
     src = Source.from_generator(g.eval(), arch="dcgan")
-    assert EXPORTERS["torchscript"](src, tmp_path / "ok.pt", dtype="bf16").max_abs_diff <= TOLERANCE["bf16"]
+    right = EXPORTERS["torchscript"](src, tmp_path / "ok.pt", dtype="bf16").max_abs_diff
+    assert 1e-4 < right <= TOLERANCE["bf16"]  # rounded like bf16, yet within its tolerance
     merge = fold._merge
 
     def no_shift(conv, bn):

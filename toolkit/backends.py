@@ -103,8 +103,9 @@ def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = 
     """(intra-op threads, streams) for backend `kind` on the CPU, defaults filled in.
 
     onnxruntime's default is one thread per stream, as many streams as inference gets cores: all of them
-    for `.npy` (no PNGs to write; at most MAX_STREAMS), `default_threads()` for PNGs; the torch backends
-    take the same cores as intra-op threads. Streams use the
+    for `.npy` (no PNGs to write; at most MAX_STREAMS), `default_threads()` for PNGs (streams change no
+    byte). The torch backends keep `default_threads()` intra-op threads for every format: in bf16 their
+    sums depend on the thread count (1e-4), and npy must hold the PNGs' pixels. Streams use the
     cores better than intra-op threads: on the 2-core CPU, 2 streams of 1 thread ran at 79-88% of the
     2-thread fp32 matmul peak, 1 stream of 2 threads at 52-62% (2026-11-30, BENCHMARKS.md); generate
     --count 10000 --format npy 3,734 against 2,486-2,575 img/s. Only measured on 2 cores. `--threads`
@@ -114,8 +115,8 @@ def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = 
             raise UsageError(f"{name} must be at least 1, got {v}")
     if streams is not None and streams > 1 and kind != "onnxruntime":
         raise UsageError(f"--streams is for --backend onnxruntime (on the CPU), not {kind}")
-    if kind != "onnxruntime":
-        return threads or (min(cores(), MAX_STREAMS) if fmt == "npy" else default_threads()), 1
+    if kind != "onnxruntime":  # the same threads for every format: torch's bf16 sums depend on them
+        return threads or default_threads(), 1
     if threads is None and streams is None:
         return 1, min(cores(), MAX_STREAMS) if fmt == "npy" else default_threads()
     return threads or 1, streams or 1
@@ -371,10 +372,13 @@ def _open_torchscript(path: Path, *, provider: str, batch_size: int, threads: in
 
     from .exporters.torchscript import _quiet_jit
 
+    # the device before loading: a frozen module's weights are constants, which only map_location moves
+    # (Module.to finds no parameters to move)
+    device = _torch_device(provider)
     extra = {"gantk.json": ""}
     try:
         with _quiet_jit():  # torch's deprecation notice for torch.jit, on every load
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            module = torch.jit.load(str(path), map_location=_target(device), _extra_files=extra)
     except Exception as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: not a loadable TorchScript file ({first[:160]})") from None
@@ -382,7 +386,7 @@ def _open_torchscript(path: Path, *, provider: str, batch_size: int, threads: in
         meta = check_metadata(json.loads(extra["gantk.json"] or "{}"), path)
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: gantk.json in the TorchScript file is not JSON") from None
-    return _torch_backend("torchscript", path, module, meta, provider, batch_size, threads)
+    return _torch_backend("torchscript", path, module, meta, device, batch_size, threads)
 
 
 def _open_torch(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
@@ -390,7 +394,7 @@ def _open_torch(path: Path, *, provider: str, batch_size: int, threads: int) -> 
 
     state = load(path)
     meta = _checkpoint_meta(path, state, dtype="float32")
-    return _torch_backend("torch", path, generator_from(state), meta, provider, batch_size, threads)
+    return _torch_backend("torch", path, generator_from(state), meta, _torch_device(provider), batch_size, threads)
 
 
 def _checkpoint_meta(path: Path, state: dict[str, Any], *, dtype: str) -> dict[str, Any]:
@@ -401,22 +405,26 @@ def _checkpoint_meta(path: Path, state: dict[str, Any], *, dtype: str) -> dict[s
             "source_checkpoint": str(path.resolve()), "source_sha256": sha256(path), "step": str(state["step"])}
 
 
-def _torch_backend(name, path, module, meta, provider, batch_size, threads) -> Backend:
-    device = _torch_device(provider)
-    target = device if device == "cpu" else f"cuda:{_device_id()}"
+def _target(device: str) -> str:
+    return device if device == "cpu" else f"cuda:{_device_id()}"
+
+
+def _torch_backend(name, path, module, meta, device, batch_size, threads) -> Backend:
+    target = _target(device)
     module = module.to(target).eval()
     batch = FIXED_BATCH if device == "cpu" else batch_size
     run = _torch_runner(module, target, batch, tuple(meta["latent_shape"]), threads)
     settings = {"device": device, "fixed_batch": batch, "threads": threads if device == "cpu" else None}
     warnings = []
     if device == "cpu" and meta.get("dtype") == "bf16" and not native_bf16():
-        warnings.append("this CPU has neither AVX512-BF16 nor AMX: the bf16 model runs emulated, slower than fp32")
+        warnings.append("this CPU has neither AVX512-BF16 nor AMX: the bf16 model runs emulated, 3x (AVX-512) to "
+                        "80x (AVX2) slower than fp32; use the fp32 export")
         log.warning(warnings[-1])
     return Backend(name, path, device, meta, run, settings, warnings)
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), as torch's oneDNN sees it."""
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), from the CPU flags torch reads."""
     import torch
 
     probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

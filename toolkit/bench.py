@@ -82,6 +82,7 @@ def resolve_inputs(*, model: Path | None, checkpoint: Path | None, runs_dir: Pat
 
 def _exports(checkpoint: Path, onnx: Path | None, work: Path) -> dict[str, Path]:
     """The files the paths need; missing ones are exported (and validated) into `work`."""
+    from .backends import native_bf16
     from .exporters import EXPORTERS
 
     files = {"onnx": onnx or work / "generator.onnx", "torchscript": work / "generator.pt",
@@ -90,7 +91,10 @@ def _exports(checkpoint: Path, onnx: Path | None, work: Path) -> dict[str, Path]
         EXPORTERS["onnx"](checkpoint, files["onnx"])
     EXPORTERS["torchscript"](checkpoint, files["torchscript"])
     EXPORTERS["onnx"](checkpoint, files["onnx-fp16"], dtype="fp16")
-    EXPORTERS["torchscript"](checkpoint, files["torchscript-bf16"], dtype="bf16")
+    if native_bf16():  # emulated bf16 runs 3-80x slower than fp32: no rows, or the bench takes an hour
+        EXPORTERS["torchscript"](checkpoint, files["torchscript-bf16"], dtype="bf16")
+    else:
+        del files["torchscript-bf16"]
     return files
 
 
@@ -116,12 +120,13 @@ def cpu_paths(g, files: dict[str, Path], *, threads: list[int]) -> list[Route]:
     t0 = threads[0]
     ort = lambda f, t, s=1: (lambda bs: open_backend("onnxruntime", f, provider="cpu", threads=t,  # noqa: E731
                                                      streams=s).run)
+    bf16 = lambda bs: _torch_runner(channels_last(g, dtype="bf16"), t0)  # noqa: E731
     paths = [Route("torch eager", "fp32", t0, "cpu", lambda bs: _torch_runner(g, t0), "seed-style reference"),
              Route("torch folded+cl", "fp32", t0, "cpu",
-                   lambda bs: _torch_runner(channels_last(g, dtype="fp32"), t0), "BN folded, channels_last"),
-             Route("torch-bf16", "bf16", t0, "cpu",
-                   lambda bs: _torch_runner(channels_last(g, dtype="bf16"), t0), "= export --dtype bf16 (TorchScript)"),
-             Route("torchscript", "fp32", t0, "cpu", lambda bs: _torchscript(files["torchscript"], t0))]
+                   lambda bs: _torch_runner(channels_last(g, dtype="fp32"), t0), "BN folded, channels_last")]
+    if "torchscript-bf16" in files:  # only where the CPU has bf16 instructions (see _exports)
+        paths.append(Route("torch-bf16", "bf16", t0, "cpu", bf16, "= export --dtype bf16 (TorchScript)"))
+    paths.append(Route("torchscript", "fp32", t0, "cpu", lambda bs: _torchscript(files["torchscript"], t0)))
     defaults = {"generate default": cpu_plan("onnxruntime", None, None, fmt="png"),
                 "generate default for npy": cpu_plan("onnxruntime", None, None, fmt="npy")}
     plans = [(t, 1) for t in threads] + list(defaults.values())
@@ -398,7 +403,7 @@ def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threa
         ("torchscript", lambda out: end_to_end(files["torchscript"], "torchscript", out=out, count=count)),
         *[(f"bf16-{fmt}", lambda out, fmt=fmt: end_to_end(files["torchscript-bf16"], "torchscript", out=out,
                                                           count=count, fmt=fmt, label="torchscript bf16"))
-          for fmt in ("png", "npy")]]
+          for fmt in ("png", "npy") if "torchscript-bf16" in files]]
     done: dict[str, list[dict]] = {key: [] for key, _ in runs}
     for r in range(repeats):
         shift = r % len(runs)

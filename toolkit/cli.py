@@ -250,7 +250,7 @@ def doctor(as_json: bool) -> None:
 @click.option("--grid", is_flag=True, help="Also write grid.png, a contact sheet of the first 64.")
 @click.option("--overwrite", is_flag=True, help="Replace another model's/seed's gantk output in --out.")
 @click.option("--parity-samples", type=int, default=64, show_default=True)
-@click.option("--atol", type=float, default=None, help="Parity tolerance [default: 1e-4 fp32, 1e-2 fp16].")
+@click.option("--atol", type=float, default=None, help="Parity tolerance [default: 1e-4 fp32, 1e-2 fp16, 4e-2 bf16].")
 @click.option("--no-parity", is_flag=True, help="Generate without the parity check against PyTorch.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Checkpoint to check parity against [default: the source named in the model's metadata].")
@@ -353,8 +353,9 @@ def _export_formats() -> list[str]:
 def export_cmd(**o: Any) -> None:
     """Export the generator to ONNX or TorchScript, validated against PyTorch at batch 1, 7 and 256."""
     from .checkpoint import newest_checkpoint, resolve
-    from .exporters import EXPORTERS, default_out
+    from .exporters import EXPORTERS, check_options, default_out
 
+    check_options(o["fmt"], opset=o["opset"], dtype=o["dtype"])
     if o["checkpoint"] is None:
         o["checkpoint"] = newest_checkpoint(o["runs_dir"])
         _echo(f"checkpoint: {o['checkpoint']} (newest run)")
