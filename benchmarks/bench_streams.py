@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from interleave import median_rates
 
 
 def main() -> None:
@@ -44,17 +45,7 @@ def _pure(model: Path, plans, rounds: int) -> dict:
     runs = {plan: open_backend("onnxruntime", model, provider="cpu", threads=plan[0], streams=plan[1])
             for plan in plans}
     z = np.random.default_rng(0).standard_normal((256, *runs[plans[0]].latent_shape), dtype=np.float32)
-    rates: dict = {plan: [] for plan in plans}
-    for be in runs.values():
-        be(z)
-    for r in range(rounds):
-        for plan in plans[r % len(plans):] + plans[:r % len(plans)]:
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < 1.0:
-                runs[plan](z)
-                n += 256
-            rates[plan].append(n / (time.perf_counter() - t0))
-    return {plan: statistics.median(v) for plan, v in rates.items()}
+    return median_rates({plan: lambda be=be: len(be(z)) for plan, be in runs.items()}, rounds=rounds, seconds=1.0)
 
 
 def _end_to_end(model: Path, plans, count: int, rounds: int) -> dict:

@@ -6,12 +6,12 @@ levels off and img/s (1 intra-op thread, batch 256, medians of 5 interleaved rou
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from interleave import median_rates
 
 
 def main() -> None:
@@ -50,21 +50,12 @@ def main() -> None:
         sessions = {k: _session(ort, f) for k, f in files.items()}
         z = noise(0, range(256), latent)
         ref = to_pixels(sessions["fp32"].run(None, {"z": z})[0]).astype(np.int16)
-        rates: dict = {k: [] for k in sessions}
-        for r in range(5):
-            keys = list(sessions)
-            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-                sessions[k].run(None, {"z": z})
-                t0, n = time.perf_counter(), 0
-                while time.perf_counter() - t0 < 0.5:
-                    sessions[k].run(None, {"z": z})
-                    n += len(z)
-                rates[k].append(n / (time.perf_counter() - t0))
+        rates = median_rates({k: lambda s=s: len(s.run(None, {"z": z})[0]) for k, s in sessions.items()}, rounds=5)
         print(f"# {time.strftime('%Y-%m-%d %H:%M')} onnxruntime {ort.__version__}; {a.model}")
         for k, s in sessions.items():
             d = np.abs(to_pixels(s.run(None, {"z": z})[0]).astype(np.int16) - ref)
             ops = sorted({n.op_type for n in onnx.load(str(files[k])).graph.node} - {"Relu", "Tanh"})
-            print(f"{k:<24}{statistics.median(rates[k]):7.0f} img/s   max levels {d.max():3d}   "
+            print(f"{k:<24}{rates[k]:7.0f} img/s   max levels {d.max():3d}   "
                   f"pixels off {(d > 0).mean():6.1%}   ops {', '.join(ops)}")
 
 

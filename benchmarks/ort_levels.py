@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from interleave import median_rates
 
 
 def main() -> None:
@@ -53,21 +54,13 @@ def main() -> None:
         shape = sessions["disable"].get_inputs()[0].shape[1:]
         z = np.random.default_rng(0).standard_normal((256, *shape), dtype=np.float32)
         ref = sessions["disable"].run(None, {"z": z})[0]
-        rates: dict = {k: [] for k in configs}
-        for r in range(a.rounds):
-            keys = list(configs)
-            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-                sessions[k].run(None, {"z": z})
-                t0, n = time.perf_counter(), 0
-                while time.perf_counter() - t0 < 0.5:
-                    sessions[k].run(None, {"z": z})
-                    n += len(z)
-                rates[k].append(n / (time.perf_counter() - t0))
+        rates = median_rates({k: lambda s=s: len(s.run(None, {"z": z})[0]) for k, s in sessions.items()},
+                             rounds=a.rounds)
         print(f"# {time.strftime('%Y-%m-%d %H:%M')} onnxruntime {ort.__version__}; {a.model}; medians of {a.rounds}")
         for k in configs:
             diff = float(np.abs(sessions[k].run(None, {"z": z})[0] - ref).max())
             print(f"{k:<38} create {1000 * statistics.median(create[k]):6.1f} ms  "
-                  f"{statistics.median(rates[k]):7.0f} img/s  max|d| vs unoptimised {diff:.1e}")
+                  f"{rates[k]:7.0f} img/s  max|d| vs unoptimised {diff:.1e}")
 
 
 if __name__ == "__main__":

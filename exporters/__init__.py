@@ -26,10 +26,7 @@ SUFFIXES = {"onnx": onnx.SUFFIX, "torchscript": torchscript.SUFFIX}
 
 def check_options(fmt: str, *, opset: int | None, dtype: str) -> None:
     """UsageError for a combination `EXPORTERS[fmt]` refuses, before anything is loaded or named."""
-    if fmt == "onnx":
-        onnx.check_options(opset=onnx.DEFAULT_OPSET if opset is None else opset, dtype=dtype)
-    else:
-        torchscript.check_options(opset=opset, dtype=dtype)
+    {"onnx": onnx, "torchscript": torchscript}[fmt].check_options(opset=opset, dtype=dtype)
 
 __all__ = ["EXPORTERS", "SUFFIXES", "ExportReport", "Source", "check_options", "default_out", "read_metadata",
            "export_kind"]

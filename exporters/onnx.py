@@ -50,7 +50,8 @@ def export(source: Source | str | Path, out: str | Path, *, opset: int | None = 
     return report(FORMAT, src, out, parity, opset=opset, dtype=dtype, seconds=time.perf_counter() - t0)
 
 
-def check_options(*, opset: int, dtype: str) -> None:
+def check_options(*, opset: int | None, dtype: str) -> None:
+    opset = DEFAULT_OPSET if opset is None else opset
     check_dtype(dtype)
     if dtype == "bf16":
         raise UsageError("bf16 is a TorchScript option (onnxruntime has no bf16 convolutions on the CPU); "

@@ -1,11 +1,11 @@
 """`gantk bench`: every inference path gantk offers, measured side by side in one interleaved run.
 
-What runs. For a checkpoint (and its ONNX export): eager torch fp32 (the reference), torch fp32 and bf16
-with BatchNorm folded and channels_last, TorchScript, onnxruntime CPU fp32 at each thread count asked
-for and as one 1-thread stream per core (`backends.in_streams`), and fp16. Each path at each batch size is warmed
-up, then timed once per repeat, the repeats interleaved (repeat r runs every path before r + 1 starts,
-the order rotated), so a neighbour's load on this shared machine hits all paths alike; figures are
-medians. Compare ratios within one run, never figures across runs. With CUDA present, bench_gpu adds
+What runs. For a checkpoint (and its ONNX export): eager torch fp32 (the reference), torch fp32 and (on
+CPUs with bf16 instructions) bf16 with BatchNorm folded and channels_last, TorchScript, onnxruntime CPU
+fp32 at each thread count asked for and in generate's default streams (`backends.cpu_plan`), and fp16.
+Each path at each batch size is warmed up, then timed once per repeat, the repeats interleaved (repeat
+r runs every path before r + 1 starts, the order rotated), so a neighbour's load on this shared machine
+hits all paths alike; figures are medians. Compare ratios within one run, never figures across runs. With CUDA present, bench_gpu adds
 a GPU section (device-resident routes, the GPU's own matmul peaks, generate end to end on the GPU).
 
 Figures. images/s; useful GFLOP/s (models.flops_per_image, zero padding of transposed convs not
