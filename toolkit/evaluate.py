@@ -269,7 +269,7 @@ def _sample_model(path: Path, *, count: int, seed: int, provider: str) -> tuple[
     from .backends import open_backend
     from .generate import noise, to_pixels
 
-    backend = open_backend(_backend_kind(path), path, provider=provider, fmt="npy")  # no files: every core infers
+    backend = open_backend(_backend_kind(path), path, provider=provider, fmt="npy")  # writes no files: the npy plan
     chunks = [to_pixels(backend(noise(seed, range(i, min(i + 1000, count)), backend.latent_shape)))
               for i in range(0, count, 1000)]
     return np.concatenate(chunks), f"{path} ({backend.name}, {count} samples, seed {seed})"
