@@ -4,13 +4,13 @@
     python benchmarks/bench_streams.py --model runs/<run>/export/generator.onnx [--count 10000] [--rounds 3]
 
 Prints figures, asserts nothing: compare ratios within one run. Each (threads, streams) plan runs once
-per round, the order rotated each round; every output folder is deleted after its run.
+per round, the order rotated each round; every output folder stays until the end (see
+`gantk.bench._end_to_end_rows`: on ext4 without a journal, deletions slow the file creations after them).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -56,11 +56,10 @@ def _end_to_end(model: Path, plans, count: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="gantk-streams-") as tmp:
         for r in range(rounds):
             for plan, fmt in keys[r % len(keys):] + keys[:r % len(keys)]:
-                out = Path(tmp) / f"{fmt}-{plan[1]}x{plan[0]}"
+                out = Path(tmp) / f"{fmt}-{plan[1]}x{plan[0]}-{r}"  # kept till the end: see bench._end_to_end_rows
                 s = generate(Request(out=out, count=count, fmt=fmt), model=model, provider="cpu",
                              threads=plan[0], streams=plan[1])
                 rates[(plan, fmt)].append(s["images_per_s"])
-                shutil.rmtree(out)
     return rates
 
 

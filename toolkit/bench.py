@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -390,15 +389,19 @@ def _rows(routes, runners, rates, peak, noise, useful, batch_sizes) -> list[dict
 
 def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threads: list[int],
                      repeats: int) -> list[dict]:
-    """Each end-to-end run `repeats` times, interleaved like the routes (the order rotated each round, every
-    output folder deleted after its run): writing thousands of files is the noisiest part of the bench.
-    A row is its median run (of an even count, the slower middle one), with every run's rate in `runs`."""
-    onnx = files["onnx"]
+    """Each end-to-end run `repeats` times, interleaved like the routes (the order rotated each round), each
+    into a folder of its own that stays until the bench ends: on ext4 without a journal, every file
+    created within a minute of a deletion first scans past the freed inodes (`recently_deleted`), which
+    made a run after a deleted one up to 10x slower per file. A row is its median run (of an even count,
+    the slower middle one), with every run's rate in `runs`."""
+    from .backends import cpu_plan
+
+    onnx, default = files["onnx"], cpu_plan("onnxruntime", None, None, fmt="png")
     runs: list[tuple[str, Callable[[Path], dict]]] = [
         ("baseline", lambda out: seed_style_baseline(g, out=out, count=count)),
         ("default", lambda out: end_to_end(onnx, "onnxruntime", out=out, count=count)),
         *[(f"t{t}", lambda out, t=t: end_to_end(onnx, "onnxruntime", out=out, count=count, threads=t))
-          for t in threads[1:]],
+          for t in threads if (t, 1) != default],
         ("npy", lambda out: end_to_end(onnx, "onnxruntime", out=out, count=count, fmt="npy")),
         ("torchscript", lambda out: end_to_end(files["torchscript"], "torchscript", out=out, count=count)),
         *[(f"bf16-{fmt}", lambda out, fmt=fmt: end_to_end(files["torchscript-bf16"], "torchscript", out=out,
@@ -408,9 +411,7 @@ def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threa
     for r in range(repeats):
         shift = r % len(runs)
         for key, run in runs[shift:] + runs[:shift]:
-            out = work / f"e2e-{key}"
-            done[key].append(run(out))
-            shutil.rmtree(out)
+            done[key].append(run(work / f"e2e-{key}-{r}"))
     rows = []
     for key, _ in runs:
         ranked = sorted(done[key], key=lambda row: row["images_per_s"])
