@@ -113,7 +113,7 @@ def test_cpu_plan_defaults(monkeypatch):
     from gantk import backends
 
     monkeypatch.setattr(backends, "cores", lambda: 2)
-    assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 1)
+    assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 2)  # the writers share the cores
     assert backends.cpu_plan("onnxruntime", None, None, fmt="npy") == (1, 2)
     assert backends.cpu_plan("onnxruntime", 2, None) == (2, 1)
     assert backends.cpu_plan("torch", None, None, fmt="png") == backends.cpu_plan("torch", None, None, fmt="npy") \
@@ -653,3 +653,40 @@ def test_workers_are_threads_where_processes_cannot_be(monkeypatch):
     monkeypatch.setattr(generate_mod.sys, "platform", "darwin")
     with generate_mod.executor(2, generate_mod.PROCESS_MIN_IMAGES) as elsewhere:
         assert isinstance(elsewhere, ThreadPoolExecutor)
+
+
+def test_one_writer_gets_two_batches_of_png_work_before_inference_waits(tmp_path):
+    """With a queue shorter than one batch, inference waited for the writer after every batch."""
+    from concurrent.futures import Future
+
+    from gantk import generate as generate_mod
+
+    class LazyPool:  # noise runs at once; PNG tasks run only when inference waits for one
+        def __init__(self):
+            self.png_tasks, self.queued_at_first_wait = 0, None
+
+        def submit(self, fn, *args):
+            if fn is not generate_mod._write_chunk:
+                fut = Future()
+                fut.set_result(fn(*args))
+                return fut
+            self.png_tasks += 1
+            pool, fut = self, Future()
+
+            def result(timeout=None):
+                if not fut.done():
+                    if pool.queued_at_first_wait is None:
+                        pool.queued_at_first_wait = pool.png_tasks
+                    fut.set_result(fn(*args))
+                return Future.result(fut)
+            fut.result = result
+            return fut
+
+    backend = lambda z: np.zeros((len(z), 1, 32, 32), np.float32)  # noqa: E731
+    backend.latent_shape = (1, 6, 6)
+    req = Request(out=tmp_path, count=1024, batch_size=256, writers=1)
+    pool = LazyPool()
+    generate_mod.write_pngs(backend, req, generate_mod.Folder(tmp_path, {}), list(range(1024)), pool,
+                            lambda ev: None, generate_mod.Timing())
+    assert pool.queued_at_first_wait > 2 * 256 // generate_mod.CHUNK  # was 8: right after the first batch
+    assert len(list(tmp_path.glob("*.png"))) == 1024

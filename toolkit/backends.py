@@ -65,7 +65,8 @@ def cores() -> int:
 
 def default_threads() -> int:
     """The cores inference takes while PNG writers run: one on a machine of at most 2 cores, else all but
-    one (at most 4). The torch backends use them as intra-op threads, onnxruntime as streams.
+    one (at most 4). The torch backends use them as intra-op threads, onnxruntime as streams on more than
+    2 cores (`png_streams`).
 
     Measured on the quiet 2-core dev CPU with benchmarks/bench_generate.py, generate --count 10000 to
     PNGs with 2 writer threads, 1 vs 2 intra-op threads (2026-11-27): trained MNIST dcgan 4198 vs 4109
@@ -76,6 +77,15 @@ def default_threads() -> int:
     """
     n = cores()
     return 1 if n <= 2 else min(4, n - 1)
+
+
+def png_streams() -> int:
+    """onnxruntime's CPU streams while PNG writers run: every core on a machine of at most 2 (the writers
+    share them), else `default_threads()`. On the 2-core CPU, generate --count 10000 to PNGs, 4
+    interleaved rounds with the output folders kept (2026-11-30): 2 streams 2,667 img/s, 1 stream 2,237
+    (2 streams with 1 / 3 writers: 2,602 / 2,465). Only measured on 2 cores."""
+    n = cores()
+    return n if n <= 2 else default_threads()
 
 
 def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_size: int = 256,
@@ -103,7 +113,7 @@ def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = 
     """(intra-op threads, streams) for backend `kind` on the CPU, defaults filled in.
 
     onnxruntime's default is one thread per stream, as many streams as inference gets cores: all of them
-    for `.npy` (no PNGs to write; at most MAX_STREAMS), `default_threads()` for PNGs (streams change no
+    for `.npy` (no PNGs to write; at most MAX_STREAMS), `png_streams()` for PNGs (streams change no
     byte). The torch backends keep `default_threads()` intra-op threads for every format: in bf16 their
     sums depend on the thread count (1e-4), and npy must hold the PNGs' pixels. Streams use the
     cores better than intra-op threads: on the 2-core CPU, 2 streams of 1 thread ran at 79-88% of the
@@ -118,7 +128,7 @@ def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = 
     if kind != "onnxruntime":  # the same threads for every format: torch's bf16 sums depend on them
         return threads or default_threads(), 1
     if threads is None and streams is None:
-        return 1, min(cores(), MAX_STREAMS) if fmt == "npy" else default_threads()
+        return 1, min(cores(), MAX_STREAMS) if fmt == "npy" else png_streams()
     return threads or 1, streams or 1
 
 

@@ -618,7 +618,9 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
     existing = {i for i in todo if (folder.path / file_name(i)).exists()}  # left by a crash, or damaged
     pending: collections.deque = collections.deque()
 
-    queued = 4 * req.writers  # PNG tasks kept in flight
+    # PNG tasks kept in flight: at least two batches' worth, or one writer (--writers 1) would hold up
+    # inference after every batch (measured: 1,900 against 2,350 img/s on 2 cores, batch 256)
+    queued = max(4 * req.writers, 2 * -(-req.batch_size // CHUNK))
 
     def settle(block: bool) -> None:
         while pending and (block or pending[0].done() or len(pending) > queued):
