@@ -93,8 +93,8 @@ def checkpoint(trained_run) -> Path:
 def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
     monkeypatch.setattr(bench_mod, "MIN_IMAGES", 8)
     monkeypatch.setattr(bench_mod, "MATMUL_N", 128)
-    args = ["bench", "--checkpoint", str(checkpoint), "--batch-sizes", "1,8", "--repeats", "1", "--count", "24",
-            "--threads", "1", "--json"]
+    args = ["bench", "--checkpoint", str(checkpoint), "--batch-sizes", "1,256", "--repeats", "1", "--count", "24",
+            "--threads", "1", "--json"]  # 256: generate's batch, so the end-to-end rows have pure rows to match
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -111,6 +111,9 @@ def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
     assert [e["backend"] for e in doc["end_to_end"]][:2] == ["seed-style baseline", "onnxruntime"]
     assert all(e["parity"] in ("passed", "n/a") and len(e["runs"]) == 1 for e in doc["end_to_end"])
     assert doc["targets"]["default_e2e_vs_baseline"] > 0 and doc["peaks_gflops"]["fp32@1"] > 0
+    others = doc["targets"]["other_png_plans"]  # 1 stream of 1 thread, beside the default 2 streams
+    assert len(others) == (cores() > 1) and all(o["vs_baseline"] > 0 and o["vs_own_pure"] > 0 for o in others)
+    assert doc["targets"]["default_e2e_vs_own_pure"] > 0
     low = doc["targets"]["fastest_reduced_precision"]
     assert not native_bf16() or (low["bf16_png_e2e_vs_baseline"] > 0 and low["bf16_npy_e2e_vs_baseline"] > 0)
     assert "target fastest fp32" in bench_mod.format_table(doc)
