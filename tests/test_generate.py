@@ -125,6 +125,18 @@ def test_cpu_plan_defaults(monkeypatch):
     assert backends.cpu_plan("torchscript", None, None, fmt="npy") == (4, 1)
 
 
+def test_the_summary_line_says_what_the_defaults_picked(exported, tmp_path, monkeypatch):
+    from gantk import backends
+
+    monkeypatch.setattr(backends, "cores", lambda: 2)
+    r = CliRunner().invoke(cli, ["generate", "--model", str(exported["onnx"]), "--out", str(tmp_path / "a"),
+                                 "--count", "20"])
+    assert "(onnxruntime on cpu, 2 streams of 1 thread, 2 writers)" in r.stderr, r.stderr
+    r = CliRunner().invoke(cli, ["generate", "--model", str(exported["onnx"]), "--out", str(tmp_path / "b"),
+                                 "--count", "20", "--format", "npy", "--threads", "2"])
+    assert "(onnxruntime on cpu, 2 threads)" in r.stderr, r.stderr
+
+
 def test_npy_keeps_the_workers_png_would_have(exported, tmp_path, monkeypatch):
     """Its extra streams are the CPU's; on a GPU host they idle, and noise needs the workers there."""
     from gantk import backends

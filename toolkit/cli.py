@@ -322,8 +322,20 @@ def _generate_line(s: dict[str, Any]) -> str:
     parity = (f"parity {p['status']}: max abs diff {p['max_abs_diff']:.2g}, {p['pixels_off']:.2%} pixels off "
               f"({p['samples']} samples)" if p["status"] == "passed" else f"parity {p['status']} ({p['reason']})")
     rate = f" at {s['images_per_s']:.0f} img/s" if s["images_per_s"] else ""
-    return (f"generate: {s['images']} images in {s['out']} ({s['backend']} on {s['provider']}): {s['written']} "
+    return (f"generate: {s['images']} images in {s['out']} ({_plan(s)}): {s['written']} "
             f"written, {s['unchanged']} already there{rate}; {parity}")
+
+
+def _plan(s: dict[str, Any]) -> str:
+    """'onnxruntime on cpu, 2 streams of 1 thread, 2 writers': what the defaults picked."""
+    parts, st = [f"{s['backend']} on {s['provider']}"], s["settings"]
+    threads, streams = st.get("intra_op_num_threads", st.get("threads")), st.get("streams") or 1
+    if s["provider"] == "cpu" and threads:
+        each = f"{threads} thread{'s' if threads > 1 else ''}"
+        parts.append(f"{streams} streams of {each}" if streams > 1 else each)
+    if s["format"] == "png":
+        parts.append(f"{s['writers']} writer{'s' if s['writers'] > 1 else ''}")
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ export
