@@ -94,7 +94,7 @@ def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
     monkeypatch.setattr(bench_mod, "MIN_IMAGES", 8)
     monkeypatch.setattr(bench_mod, "MATMUL_N", 128)
     args = ["bench", "--checkpoint", str(checkpoint), "--batch-sizes", "1,256", "--repeats", "1", "--count", "24",
-            "--threads", "1", "--json"]  # 256: generate's batch, so the end-to-end rows have pure rows to match
+            "--threads", "1,1", "--json"]  # 256: generate's batch, so the end-to-end rows have pure rows to match
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -117,6 +117,7 @@ def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
     low = doc["targets"]["fastest_reduced_precision"]
     assert not native_bf16() or (low["bf16_png_e2e_vs_baseline"] > 0 and low["bf16_npy_e2e_vs_baseline"] > 0)
     assert "target fastest fp32" in bench_mod.format_table(doc)
+    assert ("other onnxruntime PNG plan 1:" in bench_mod.format_table(doc)) == (cores() > 1)
 
 
 def test_bench_rows_are_generates_defaults_on_a_bigger_machine(monkeypatch):

@@ -118,6 +118,10 @@ def test_cpu_plan_defaults(monkeypatch):
     assert backends.cpu_plan("onnxruntime", 2, None) == (2, 1)
     assert backends.cpu_plan("torch", None, None, fmt="png") == backends.cpu_plan("torch", None, None, fmt="npy") \
         == (1, 1)  # torch's bf16 sums depend on the thread count: the same threads for both formats
+    monkeypatch.setattr(backends, "cores", lambda: 1)
+    assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 1)
+    monkeypatch.setattr(backends, "cores", lambda: 3)  # above 2 cores the writers keep a core of their own
+    assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 2)
     monkeypatch.setattr(backends, "cores", lambda: 16)
     assert backends.cpu_plan("onnxruntime", None, None, fmt="png") == (1, 4)
     assert backends.cpu_plan("onnxruntime", None, None, fmt="npy") == (1, backends.MAX_STREAMS)

@@ -11,13 +11,13 @@ a GPU section (device-resident routes, the GPU's own matmul peaks, generate end 
 Figures. images/s; useful GFLOP/s (models.flops_per_image, zero padding of transposed convs not
 counted); the share of the machine's peak: the best rate of torch or onnxruntime on a 1024^2 matmul of
 the same dtype at the same thread count, timed in the same interleaved loop (fp16 rows, which this CPU
-runs through fp32 arithmetic, are set against the fp32 peak); parity against eager
-fp32 on the same noise (max abs diff, share of uint8 pixels off, most levels a pixel moved); and end
-to end, the median of up to 3 interleaved runs each: `generate --count N` for the default path
-(onnxruntime, fp32, default batch, threads and streams), its npy variant, the TorchScript backend, the
-bf16 TorchScript export to PNGs and npy, and the seed-style baseline (eager fp32, batch 32, one PNG
-saved at a time), each with where its time went (generate's `timing`: inference, and the inference
-thread's waits for noise and PNG workers).
+runs through fp32 arithmetic, are set against the fp32 peak); parity against eager fp32 on the same
+noise (max abs diff, share of uint8 pixels off, most levels a pixel moved); and end to end, the median
+of up to 3 interleaved runs each: `generate --count N` for the default path (onnxruntime, fp32, default
+batch, threads and streams), one onnxruntime stream at each other thread count, the default's npy
+variant, the TorchScript backend, the bf16 TorchScript export to PNGs and npy, and the seed-style
+baseline (eager fp32, batch 32, one PNG saved at a time), each with where its time went (generate's
+`timing`: inference, and the inference thread's waits for noise and PNG workers).
 
 The library returns one dict (the `--json` document); `format_table` renders it for people.
 """
@@ -347,6 +347,11 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
     doc = {"machine": machine(), "checkpoint": str(ckpt), "onnx": str(files["onnx"]), "arch": _arch(ckpt),
            "flops_per_image": flops, "batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads,
            "peaks_gflops": {f"{dt}@{t}": round(v, 1) for (dt, t), v in peak.items()}, "rows": rows}
+    if e2e:  # before the GPU's end to end, which deletes its folders (see _end_to_end_rows)
+        progress(f"end to end, --count {count}, {min(repeats, E2E_REPEATS)} interleaved rounds")
+        doc["end_to_end"] = _end_to_end_rows(g, files, work, count=count, threads=threads,
+                                             repeats=min(repeats, E2E_REPEATS))
+        doc["targets"] = targets(doc)
     if gpu is not None:
         from .bench_gpu import gpu_end_to_end, gpu_section
 
@@ -355,11 +360,6 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
         if e2e:
             progress(f"GPU end to end, --gpu-count {gpu['count']}")
             doc["gpu"]["end_to_end"] = gpu_end_to_end(files, ckpt, work, count=gpu["count"])
-    if e2e:
-        progress(f"end to end, --count {count}, {min(repeats, E2E_REPEATS)} interleaved rounds")
-        doc["end_to_end"] = _end_to_end_rows(g, files, work, count=count, threads=threads,
-                                             repeats=min(repeats, E2E_REPEATS))
-        doc["targets"] = targets(doc)
     return doc
 
 
@@ -401,7 +401,7 @@ def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threa
         ("baseline", lambda out: seed_style_baseline(g, out=out, count=count)),
         ("default", lambda out: end_to_end(onnx, "onnxruntime", out=out, count=count)),
         *[(f"t{t}", lambda out, t=t: end_to_end(onnx, "onnxruntime", out=out, count=count, threads=t))
-          for t in threads if (t, 1) != default],
+          for t in dict.fromkeys(threads) if (t, 1) != default],
         ("npy", lambda out: end_to_end(onnx, "onnxruntime", out=out, count=count, fmt="npy")),
         ("torchscript", lambda out: end_to_end(files["torchscript"], "torchscript", out=out, count=count)),
         *[(f"bf16-{fmt}", lambda out, fmt=fmt: end_to_end(files["torchscript-bf16"], "torchscript", out=out,

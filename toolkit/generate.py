@@ -59,6 +59,7 @@ NOISE_CHUNK = 128      # noise vectors per worker task
 NOISE_AHEAD = 2        # batches whose noise is drawn ahead of inference, at least
 PROCESS_MIN_IMAGES = 2048  # from this many images on, workers are processes (see `executor`)
 MAX_WRITERS = 16
+QUEUE_IMAGES = 4096    # PNG work queued beyond the batch being handed over, at most (memory at huge batches)
 FLUSH_SECONDS = 2.0    # manifest checkpoint interval during a run
 STALE_TEMP_S = 3600.0  # a temp file this old belongs to no write in flight, even with hosts' clocks apart
 LOCK = ".gantk-lock"   # in the output folder: runs writing into it at once take turns at the manifest
@@ -618,9 +619,9 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
     existing = {i for i in todo if (folder.path / file_name(i)).exists()}  # left by a crash, or damaged
     pending: collections.deque = collections.deque()
 
-    # PNG tasks kept in flight: at least two batches' worth, or one writer (--writers 1) would hold up
-    # inference after every batch (measured: 1,900 against 2,350 img/s on 2 cores, batch 256)
-    queued = max(4 * req.writers, 2 * -(-req.batch_size // CHUNK))
+    # PNG tasks kept in flight: two batches' worth (up to QUEUE_IMAGES), or one writer (--writers 1)
+    # would hold up inference after every batch (measured: 1,900 against 2,350 img/s on 2 cores, batch 256)
+    queued = max(4 * req.writers, -(-min(2 * req.batch_size, QUEUE_IMAGES) // CHUNK))
 
     def settle(block: bool) -> None:
         while pending and (block or pending[0].done() or len(pending) > queued):
