@@ -88,6 +88,12 @@ def png_streams() -> int:
     return n if n <= 2 else default_threads()
 
 
+def cpu_settings(settings: dict[str, Any]) -> tuple[int | None, int]:
+    """(intra-op threads, streams) from a backend's `settings` (onnxruntime and torch name threads apart);
+    threads None on a GPU."""
+    return settings.get("intra_op_num_threads", settings.get("threads")), settings.get("streams") or 1
+
+
 def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_size: int = 256,
                  threads: int | None = None, streams: int | None = None, fmt: str = "png") -> Backend:
     """Load `path` as backend `kind`; UsageError/CheckpointError before anything runs if it cannot.

@@ -245,13 +245,14 @@ def parity(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def end_to_end(model: Path, backend: str, *, out: Path, count: int, fmt: str = "png",
                threads: int | None = None, label: str | None = None) -> dict[str, Any]:
     """`generate` as the command runs it, defaults unless `threads`; the timed phase and the wall time."""
+    from .backends import cpu_settings
     from .generate import Request, generate
 
     t0 = time.perf_counter()
     s = generate(Request(out=out, count=count, fmt=fmt), model=model, backend=backend, provider="cpu",
                  threads=threads)
-    return {"backend": label or backend, "format": fmt, "count": count, "threads": s["settings"].get(
-        "intra_op_num_threads", s["settings"].get("threads")), "streams": s["settings"].get("streams") or 1,
+    plan = cpu_settings(s["settings"])
+    return {"backend": label or backend, "format": fmt, "count": count, "threads": plan[0], "streams": plan[1],
             "batch_size": s["batch_size"],
             "seconds": s["seconds"], "wall_s": round(time.perf_counter() - t0, 3),
             "images_per_s": s["images_per_s"], "parity": s["parity"].get("status"), "timing": s["timing"]}

@@ -328,8 +328,9 @@ def _generate_line(s: dict[str, Any]) -> str:
 
 def _plan(s: dict[str, Any]) -> str:
     """'onnxruntime on cpu, 2 streams of 1 thread, 2 writers': what the defaults picked."""
-    parts, st = [f"{s['backend']} on {s['provider']}"], s["settings"]
-    threads, streams = st.get("intra_op_num_threads", st.get("threads")), st.get("streams") or 1
+    from .backends import cpu_settings
+
+    parts, (threads, streams) = [f"{s['backend']} on {s['provider']}"], cpu_settings(s["settings"])
     if s["provider"] == "cpu" and threads:
         each = f"{threads} thread{'s' if threads > 1 else ''}"
         parts.append(f"{streams} streams of {each}" if streams > 1 else each)
