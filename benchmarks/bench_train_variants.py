@@ -1,9 +1,10 @@
 """Training-step speed of the default recipe under CPU/GPU speed options, interleaved in one run.
 
 Variants: fp32 (what gantk trains with), channels_last, bf16 autocast (CPU) or fp16 AMP (CUDA), and
-torch.compile. Each runs the same steps from the same initial weights and data; the table shows
-steps/s, the ratio to fp32, and how far G's weights moved from fp32's after the steps (the price in
-results).
+torch.compile. On CUDA every variant runs with gantk's cuDNN settings (deterministic, no autotuning),
+and "fp32 cuDNN free" with cuDNN's defaults, to show what exact resume costs. Each runs the same steps
+from the same initial weights and data; the table shows steps/s, the ratio to fp32, and how far G's
+weights moved from fp32's after the steps (the price in results).
 
     .venv/bin/python benchmarks/bench_train_variants.py [--device cpu|cuda] [--steps 60] [--repeats 3]
 """
@@ -57,7 +58,14 @@ def variant(name: str, base_g, base_d, device: str):
     else:
         autocast = nullcontext
     run_g, run_d = (torch.compile(g), torch.compile(d)) if name == "torch.compile" else (g, d)
-    return g, make_step(run_g, run_d, autocast=autocast, channels_last=cl)
+    step = make_step(run_g, run_d, autocast=autocast, channels_last=cl)
+    free = name == "fp32 cuDNN free"  # cuDNN's defaults; the rest as gantk train sets them on CUDA
+
+    def with_cudnn(x, z):
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = not free, free
+        step(x, z)
+
+    return g, with_cudnn
 
 
 def main() -> None:
@@ -67,6 +75,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="fp32,channels_last,reduced precision,torch.compile")
     a = ap.parse_args()
+    if a.device == "cuda":
+        a.variants += ",fp32 cuDNN free"
     torch.manual_seed(0)
     base_g, base_d = models.build("dcgan")
     images = data.to_tensor(data.synthetic(32 * a.steps, seed=0).images).to(a.device)

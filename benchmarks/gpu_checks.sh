@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks recorded in BENCHMARKS.md, on a CUDA machine whose python3 imports gantk, in two phases:
+# The GPU checks recorded in BENCHMARKS.md, on a CUDA machine whose python3 imports gantk, in four phases
+# (each fits one call of a short GPU lease):
 #
-#   benchmarks/gpu_checks.sh train OUT [MNIST_IDX]  # gpu-marked tests, training speed on CUDA, a CUDA run + export
-#   benchmarks/gpu_checks.sh infer OUT              # onnxruntime CUDA tests, gantk bench with its GPU section
-#   benchmarks/gpu_checks.sh e2e OUT                # generate on the GPU only: writers x batch sizes, time breakdown
+#   benchmarks/gpu_checks.sh train OUT [DATA]  # gpu tests of training, training speed, a CUDA run + export
+#   benchmarks/gpu_checks.sh torch OUT         # gpu tests of generate's torch and TorchScript backends
+#   benchmarks/gpu_checks.sh infer OUT         # the other gpu tests (onnxruntime CUDA), gantk bench's GPU section
+#   benchmarks/gpu_checks.sh e2e OUT           # generate on the GPU only: writers x batch sizes, time breakdown
 #
-# Everything goes to OUT/gpu-<phase>.log (bench also writes OUT/bench.json). Each step has its own time
-# limit; a failing step does not stop the others. `infer` uses the run `train` made (GANTK_GPU_RUNS).
+# DATA defaults to the real MNIST digits; "synthetic" where they are not there. Everything goes to
+# OUT/gpu-<phase>.log (bench also writes OUT/bench.json). Each step has its own time limit; a failing
+# step does not stop the others. `infer` and `e2e` use the run `train` made (GANTK_GPU_RUNS).
 set -u
-phase=${1:?train or infer}
+phase=${1:?train, torch, infer or e2e}
 out=${2:?output folder}
 mnist=${3:-../shared/data/mnist/t10k-images-idx3-ubyte.gz}
 py=${PYTHON:-python3}
@@ -27,21 +30,25 @@ step() {  # step NAME SECONDS CMD...
 
 case "$phase" in
 train)
-    step env 60 bash -c "nvidia-smi -L; nproc; $py -c 'import torch, onnxruntime as o, numpy, PIL; \
+    step env 40 bash -c "nvidia-smi -L; nproc; $py -c 'import torch, onnxruntime as o, numpy, PIL; \
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), o.__version__, \
 o.get_available_providers(), numpy.__version__, PIL.__version__)'"
     rm -rf "$runs"
     step train-run 60 "$py" -m gantk train --data "$mnist" --epochs 3 --device cuda --runs-dir "$runs" --run cuda --json
-    step export 60 "$py" -m gantk export --format onnx --runs-dir "$runs" --json
-    step gpu-tests 150 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs tests
-    step train-variants 120 "$py" benchmarks/bench_train_variants.py --device cuda --steps 60 --repeats 3
-    step train-bookkeeping 90 "$py" benchmarks/bench_train.py --device cuda --data "$mnist" --repeats 2
+    step export 45 "$py" -m gantk export --format onnx --runs-dir "$runs" --json
+    step gpu-tests 120 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_train.py tests/test_distributed.py
+    step train-variants 90 "$py" benchmarks/bench_train_variants.py --device cuda --steps 60 --repeats 3
+    step train-bookkeeping 60 "$py" benchmarks/bench_train.py --device cuda --data "$mnist" --repeats 2
+    ;;
+torch)
+    step torch-gpu-tests 120 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs -s -k "torch" tests/test_generate.py
     ;;
 infer)
     step env 60 bash -c "$py -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())'"
-    step ort-gpu-tests 200 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_generate.py
-    step bench 420 bash -c "$py -m gantk bench --runs-dir $runs --batch-sizes 64,256 --threads 4,16 --repeats 3 \
---count 10000 --json > $out/bench.json && $py -c 'import json, sys; from gantk.bench import format_table; \
+    step ort-gpu-tests 200 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs -s -k "not torch" tests/test_generate.py \
+tests/test_export.py tests/test_bench.py
+    step bench 240 bash -c "$py -m gantk bench --runs-dir $runs --batch-sizes 256 --threads 16 --repeats 3 --no-e2e \
+--json > $out/bench.json && $py -c 'import json, sys; from gantk.bench import format_table; \
 print(format_table(json.load(open(sys.argv[1]))))' $out/bench.json"
     ;;
 e2e)
@@ -61,7 +68,7 @@ print('\n'.join(format_gpu({'device': 'cuda', 'repeats': 1, 'peaks_gflops': {}, 
 --count 10 --out /tmp/trt-out --json 2>/dev/null | wc -c"
     ;;
 *)
-    echo "phase must be train, infer or e2e" >&2
+    echo "phase must be train, torch, infer or e2e" >&2
     exit 2
     ;;
 esac
