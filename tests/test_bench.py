@@ -205,4 +205,4 @@ def test_gpu_section_and_end_to_end_on_cuda(checkpoint, tmp_path):
     parity = "passed" if "CUDAExecutionProvider" in ort.get_available_providers() else "not-applicable"
     assert [(r["format"], r["parity"]) for r in rows] == [("png", parity), ("npy", parity)]  # else torch backend
     assert all(r["provider"] == "cuda" and r["timing"]["inference"] > 0 for r in rows)
-    assert not list(tmp_path.glob("gpu-*"))  # each run's 2,500 files removed after it
+    assert sorted(p.name for p in tmp_path.glob("gpu-*")) == ["gpu-npy-w2-b256", "gpu-png-w2-b256"]  # kept till the end

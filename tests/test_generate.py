@@ -2,7 +2,9 @@
 damaged files; parity failure; bad input. One tiny seed run, exported once, for the whole module."""
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from gantk.cli import cli
 from gantk.errors import GantkError
@@ -43,6 +46,10 @@ def gen(model: Path, out: Path, *args: str, code: int = 0):
 
 def pngs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png")) if p.name != "grid.png"}
+
+
+def _levels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
 
 
 def mtimes(folder: Path) -> dict[str, int]:
@@ -82,7 +89,6 @@ def test_streams_write_the_bytes_of_one_run(exported, tmp_path):
     settings = json.loads((tmp_path / "s3" / "summary.json").read_text())["settings"]
     assert (settings["streams"], settings["intra_op_num_threads"]) == (3, 1)
     r = gen(exported["onnx"], tmp_path / "npy", "--count", "40", "--format", "npy", "--json")
-    from PIL import Image
 
     from gantk.backends import MAX_STREAMS, cores
 
@@ -276,7 +282,6 @@ def _npy(exported, backend: str, tmp_path: Path) -> Path:
 
 
 def test_npy_matches_pngs_and_grid(exported, tmp_path):
-    from PIL import Image
 
     gen(exported["onnx"], tmp_path / "p", "--count", "12", "--grid")
     gen(exported["onnx"], tmp_path / "n", "--count", "12", "--format", "npy", "--grid")
@@ -639,9 +644,21 @@ def test_gpu_torchscript_exports_run_on_cuda(exported, tmp_path, dtype):
     doc = json.loads(gen(model, tmp_path / "a", *args, "--provider", "cuda", "--json").stdout)
     assert doc["provider"] == "cuda" and doc["parity"]["status"] == "passed"
     gen(model, tmp_path / "cpu", *args, "--provider", "cpu")
-    same = sum(pngs(tmp_path / "a")[n] == b for n, b in pngs(tmp_path / "cpu").items())
+    a, cpu = pngs(tmp_path / "a"), pngs(tmp_path / "cpu")
+    same = sum(a[n] == b for n, b in cpu.items())
     print(f"torchscript {dtype} cuda vs cpu: {same}/300 PNGs byte-identical")
-    assert same >= (285 if dtype == "fp32" else 150)
+    if dtype == "fp32":
+        assert same >= 285
+        return
+    # bf16 rounds after every layer, and cuDNN and oneDNN round different sums: nearly every image differs
+    # somewhere (16/300 identical on an H200). Each side is within bf16's tolerance of fp32, so of each other
+    # within twice that.
+    from gantk.exporters.validate import TOLERANCE
+
+    levels = np.stack([_levels(a[n]) - _levels(b) for n, b in cpu.items()])
+    off = np.abs(levels)
+    print(f"torchscript bf16 cuda vs cpu: {np.mean(off > 0):.2%} of pixels off, at most {off.max()} levels")
+    assert off.max() <= 2 * math.ceil(TOLERANCE["bf16"] * 127.5) + 1
 
 
 def test_default_writers_follow_the_cores_this_process_may_use(monkeypatch):
