@@ -25,9 +25,11 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "t10
 
 
 def bare_loop(cfg: TrainConfig, images: torch.Tensor, steps: int) -> float:
-    """The recipe with nothing around it, data already on the device: returns seconds for `steps` steps."""
+    """The recipe with nothing around it, data already on the device: returns seconds for `steps` steps.
+    On CUDA with gantk train's cuDNN settings (deterministic, no autotuning)."""
     torch.manual_seed(cfg.seed)
     dev = images.device
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     g, d = models.build(cfg.arch, spectral_norm=cfg.spectral_norm)
     g, d = g.to(dev), d.to(dev)
     ema = models.ema_copy(g)

@@ -208,7 +208,7 @@ def test_gpu_section_and_end_to_end_on_cuda(checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("gpu-*")) == ["gpu-npy-w2-b256", "gpu-png-w2-b256"]  # kept till the end
 
 
-def test_a_peak_is_never_below_the_peak_of_fewer_threads():
+def test_peak_envelope_never_below_the_peak_of_fewer_threads():
     peak = {("fp32", 1): 100.0, ("fp32", 2): 180.0, ("bf16", 1): 300.0, ("bf16", 2): 50.0, ("bf16", 4): 400.0}
     assert bench_mod.peak_envelope(peak) == {("fp32", 1): 100.0, ("fp32", 2): 180.0, ("bf16", 1): 300.0,
                                          ("bf16", 2): 300.0, ("bf16", 4): 400.0}

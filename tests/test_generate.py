@@ -651,14 +651,14 @@ def test_gpu_torchscript_exports_run_on_cuda(exported, tmp_path, dtype):
         assert same >= 285
         return
     # bf16 rounds after every layer, and cuDNN and oneDNN round different sums: nearly every image differs
-    # somewhere (16/300 identical on an H200). Each side is within bf16's tolerance of fp32, so of each other
-    # within twice that.
+    # somewhere (16/300 identical on an H200, 0.27% of pixels off by 1 level). Both pass generate's parity
+    # check (bf16's tolerance against fp32 on its samples), so they may differ by twice that, in few pixels.
     from gantk.exporters.validate import TOLERANCE
 
     levels = np.stack([_levels(a[n]) - _levels(b) for n, b in cpu.items()])
     off = np.abs(levels)
     print(f"torchscript bf16 cuda vs cpu: {np.mean(off > 0):.2%} of pixels off, at most {off.max()} levels")
-    assert off.max() <= 2 * math.ceil(TOLERANCE["bf16"] * 127.5) + 1
+    assert off.max() <= 2 * math.ceil(TOLERANCE["bf16"] * 127.5) + 1 and np.mean(off > 0) <= 0.02
 
 
 def test_default_writers_follow_the_cores_this_process_may_use(monkeypatch):

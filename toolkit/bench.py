@@ -195,6 +195,11 @@ def peak_envelope(peak: dict[tuple[str, int], float]) -> dict[tuple[str, int], f
     return {(dt, t): max(v for (d, u), v in peak.items() if d == dt and u <= t) for dt, t in peak}
 
 
+def _peak(key: str, value: float, doc: dict[str, Any]) -> str:
+    measured = doc.get("peaks_measured_gflops", {}).get(key, value)
+    return f"{key} {value:.0f}" + (f" (measured {measured:.0f})" if measured < value else "")
+
+
 def _ort_matmul(threads: int) -> Runner:
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -350,12 +355,13 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
     cores = sorted(set(threads) | {r.threads * r.streams for r in routes})
     peaks = {(dt, t): fn for t in cores for dt, fn in matmul_peaks(t).items()}
     rates, peak = interleaved(runners, noise, peaks, repeats=repeats, progress=progress)
-    peak = peak_envelope(peak)
+    measured, peak = peak, peak_envelope(peak)
     rows = _rows(routes, runners, rates, peak, noise, flops["useful"], batch_sizes)
     doc = {"machine": machine(), "checkpoint": str(ckpt), "onnx": str(files["onnx"]), "arch": _arch(ckpt),
            "flops_per_image": flops, "batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads,
-           "peaks_gflops": {f"{dt}@{t}": round(v, 1) for (dt, t), v in peak.items()}, "rows": rows}
-    if e2e:  # before the GPU's end to end, which deletes its folders (see _end_to_end_rows)
+           "peaks_gflops": {f"{dt}@{t}": round(v, 1) for (dt, t), v in peak.items()},
+           "peaks_measured_gflops": {f"{dt}@{t}": round(v, 1) for (dt, t), v in measured.items()}, "rows": rows}
+    if e2e:
         progress(f"end to end, --count {count}, {min(repeats, E2E_REPEATS)} interleaved rounds")
         doc["end_to_end"] = _end_to_end_rows(g, files, work, count=count, threads=threads,
                                              repeats=min(repeats, E2E_REPEATS))
@@ -502,7 +508,7 @@ def format_table(doc: dict[str, Any]) -> str:
              f"{m['torch']}, onnxruntime {m['onnxruntime']}; CUDA: {m['cuda'] or 'none (no CUDA/TensorRT rows)'}",
              f"# {doc['arch']} {doc['checkpoint']}; useful {doc['flops_per_image']['useful'] / 1e6:.1f} MFLOP/image "
              f"(padded {doc['flops_per_image']['padded'] / 1e6:.1f}); medians of {doc['repeats']} interleaved repeats",
-             "# matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in doc["peaks_gflops"].items()), "",
+             "# matmul peak GFLOP/s: " + ", ".join(_peak(k, v, doc) for k, v in doc["peaks_gflops"].items()), "",
              f"{'route':<18}{'prec':<6}{'dev':<5}{'thr':>5}{'batch':>6}{'img/s':>9}{'GFLOP/s':>9}{'peak':>7}"
              f"{'max|d|':>10}{'px off':>9}{'lvl':>4}  note"]
     for r in doc["rows"]:
