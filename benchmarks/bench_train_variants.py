@@ -2,9 +2,9 @@
 
 Variants: fp32 (what gantk trains with), channels_last, bf16 autocast (CPU) or fp16 AMP (CUDA), and
 torch.compile. On CUDA every variant runs with gantk's cuDNN settings (deterministic, no autotuning),
-and "fp32 cuDNN defaults" with PyTorch's (any algorithm, no autotuning), to show what exact resume costs. Each runs the same steps
-from the same initial weights and data; the table shows steps/s, the ratio to fp32, and how far G's
-weights moved from fp32's after the steps (the price in results).
+and "fp32 cuDNN defaults" with PyTorch's (any algorithm, no autotuning), to show what exact resume
+costs. Each runs the same steps from the same initial weights and data; the table shows steps/s, the
+ratio to fp32, and how far G's weights moved from fp32's after the steps (the price in results).
 
     .venv/bin/python benchmarks/bench_train_variants.py [--device cpu|cuda] [--steps 60] [--repeats 3]
 """

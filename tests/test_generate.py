@@ -282,7 +282,6 @@ def _npy(exported, backend: str, tmp_path: Path) -> Path:
 
 
 def test_npy_matches_pngs_and_grid(exported, tmp_path):
-
     gen(exported["onnx"], tmp_path / "p", "--count", "12", "--grid")
     gen(exported["onnx"], tmp_path / "n", "--count", "12", "--format", "npy", "--grid")
     arr = np.load(tmp_path / "n" / "images-000000-000012.npy")

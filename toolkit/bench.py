@@ -10,8 +10,8 @@ a GPU section (device-resident routes, the GPU's own matmul peaks, generate end 
 
 Figures. images/s; useful GFLOP/s (models.flops_per_image, zero padding of transposed convs not
 counted); the share of the machine's peak: the best rate of torch or onnxruntime on a 1024^2 matmul of
-the same dtype at the same thread count or fewer, timed in the same interleaved loop (fp16 rows, which this CPU
-runs through fp32 arithmetic, are set against the fp32 peak); parity against eager fp32 on the same
+the same dtype at the same thread count or fewer, timed in the same interleaved loop (fp16 rows, which
+this CPU runs through fp32 arithmetic, are set against the fp32 peak); parity against eager fp32 on the same
 noise (max abs diff, share of uint8 pixels off, most levels a pixel moved); and end to end, the median
 of up to 3 interleaved runs each: `generate --count N` for the default path (onnxruntime, fp32, default
 batch, threads and streams), one onnxruntime stream at each other thread count, the default's npy
