@@ -243,6 +243,41 @@ def test_cpu_amp_trains_in_bfloat16_and_resumes_exactly(tmp_path, monkeypatch):
     assert weights_equal(ckpt.load(straight["checkpoint"]), ckpt.load(resumed["checkpoint"]))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_defaults_to_bf16_where_the_cpu_has_it_and_a_resume_keeps_the_run_setting(tmp_path, monkeypatch,
+                                                                                        native):
+    import gantk.train as T
+
+    monkeypatch.setattr(T, "native_bf16", lambda: native)
+    r = run_cli("train", "--data", "synthetic", "--data-count", "64", "--epochs", "2", "--arch", "seed",
+                "--max-steps", "2", "--runs-dir", str(tmp_path), "--run", "r")
+    assert r.exit_code == 0, r.output
+    assert ("bf16 autocast (auto)" if native else "fp32 (auto)") in r.stderr
+    run = tmp_path / "r"
+    assert json.loads((run / "config.json").read_text())["amp"] is native
+    monkeypatch.setattr(T, "native_bf16", lambda: not native)  # the same run resumed on another CPU
+    r = run_cli("train", "--resume", str(run), "--runs-dir", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    assert ("bf16 autocast," if native else "fp32,") in r.stderr
+    assert ckpt.load(run / "checkpoints" / "last.pt")["config"]["amp"] is native
+    r = run_cli("train", "--resume", str(run), "--runs-dir", str(tmp_path), "--no-amp" if native else "--amp")
+    assert r.exit_code == 2 and "amp" in r.stderr
+
+
+def test_tutorial_recipe_and_no_amp_train_in_fp32_on_any_cpu(tmp_path, monkeypatch):
+    import gantk.train as T
+
+    monkeypatch.setattr(T, "native_bf16", lambda: True)
+    for name, flag in (("t", "--recipe=tutorial"), ("n", "--no-amp")):
+        r = run_cli("train", "--data", "synthetic", "--data-count", "64", "--max-steps", "1", flag,
+                    "--runs-dir", str(tmp_path), "--run", name)
+        assert r.exit_code == 0, r.output
+        assert "fp32," in r.stderr and json.loads((tmp_path / name / "config.json").read_text())["amp"] is False
+    assert run_cli("train", "--data", "synthetic", "--data-count", "64", "--max-steps", "1", "--recipe=tutorial",
+                   "--amp", "--runs-dir", str(tmp_path), "--run", "ta").exit_code == 0
+    assert json.loads((tmp_path / "ta" / "config.json").read_text())["amp"] is True
+
+
 def test_checkpoints_are_tensors_and_plain_values(trained_run):
     state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
     assert state["kind"] == "gantk-checkpoint" and isinstance(state["config"], dict)

@@ -110,8 +110,9 @@ def cli(debug: bool) -> None:
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the sampling generator, 0 for none [default: 0.999].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp", is_flag=True, help="Mixed precision: float16 autocast and a gradient scaler on CUDA, "
-              "bfloat16 autocast on the CPU (1.4x here; see BENCHMARKS.md for its quality).")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision: bfloat16 autocast on the CPU (1.4-1.5x, "
+              "FID as good: BENCHMARKS.md), float16 autocast with a gradient scaler on CUDA [default: on where "
+              "the CPU has bf16 instructions (AVX512-BF16, AMX), off on CUDA and other CPUs].")
 @click.option("--sync-bn", is_flag=True, help="Under torchrun: SyncBatchNorm across ranks (CUDA only) "
               "[default: off, each rank normalises its own batch].")
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loader worker processes.")
@@ -141,11 +142,11 @@ def train(**o: Any) -> None:
     recipe = dict(TUTORIAL) if o["recipe"] == "tutorial" else {}
     picks = dict(arch=o["arch"], epochs=o["epochs"], loss=o["loss"], spectral_norm=o["spectral_norm"],
                  label_smoothing=o["label_smoothing"], ema_decay=o["ema_decay"], lr_g=o["lr"],
-                 lr_d=o["lr_d"] or o["lr"])
+                 lr_d=o["lr_d"] or o["lr"], amp=o["amp"])
     recipe.update({k: v for k, v in picks.items() if v is not None})
     config = TrainConfig(data=o["data"], data_count=o["data_count"], max_steps=o["max_steps"],
                          batch_size=o["batch_size"], beta1=o["betas"][0], beta2=o["betas"][1], seed=o["seed"],
-                         device=o["device"], amp=o["amp"], sync_bn=o["sync_bn"], workers=o["workers"],
+                         device=o["device"], sync_bn=o["sync_bn"], workers=o["workers"],
                          checkpoint_every=o["checkpoint_every"], keep=o["keep"], log_every=o["log_every"],
                          sample_every=o["sample_every"], eval_every=o["eval_every"], eval_count=o["eval_count"],
                          classifier=o["classifier_path"] or (str(o["runs_dir"] / "classifier.pt")
@@ -157,6 +158,7 @@ def train(**o: Any) -> None:
     elif o["resume"]:
         resume = resolve(o["resume"])
     run_dir = o["runs_dir"] / o["run_name"] if o["run_name"] else None
+    auto_amp = config.amp is None and resume is None
     bar = None
 
     def progress(ev: dict[str, Any]) -> None:
@@ -164,7 +166,8 @@ def train(**o: Any) -> None:
         if ev["event"] == "start":
             if not o["quiet"]:
                 ranks = f" x {ev['world_size']} ranks = {ev['global_batch']} per step" if ev["world_size"] > 1 else ""
-                _echo(f"train: {ev['run_dir']} on {ev['device']} ({o['device']}), {ev['images']} images from "
+                _echo(f"train: {ev['run_dir']} on {ev['device']} ({o['device']}), {ev['dtype']}"
+                      f"{' (auto)' if auto_amp else ''}, {ev['images']} images from "
                       f"{ev['data']}, {ev['total_steps']} steps of {config.batch_size}{ranks}")
             bar = _progress_bar(ev["total_steps"], ev["start_step"], "train")
         elif ev["event"] == "step":
@@ -194,7 +197,7 @@ def train(**o: Any) -> None:
 # CLI options that set several TrainConfig fields, or a field of another name.
 _FIELDS = {"lr": ("lr_g", "lr_d"), "betas": ("beta1", "beta2"), "classifier_path": ("classifier",),
            "eval_every": ("eval_every", "classifier"),
-           "recipe": ("arch", "loss", "spectral_norm", "ema_decay", "label_smoothing", "lr_g", "lr_d")}
+           "recipe": ("arch", "loss", "spectral_norm", "ema_decay", "label_smoothing", "lr_g", "lr_d", "amp")}
 
 
 def _given_fields() -> set[str]:

@@ -8,7 +8,7 @@ from .errors import UsageError
 
 # The tutorial's recipe, for `--recipe tutorial`: the seed architecture trained as it was published.
 TUTORIAL = dict(arch="seed", loss="bce", spectral_norm=False, ema_decay=0.0, label_smoothing=1.0,
-                lr_g=2e-4, lr_d=2e-4)
+                lr_g=2e-4, lr_d=2e-4, amp=False)
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class TrainConfig:
     ema_decay: float = 0.999        # EMA generator used for samples and export (0: none)
     seed: int = 0
     device: str = "auto"
-    amp: bool = False
+    amp: bool | None = None         # autocast; None: bf16 on a CPU with bf16 instructions, else off
     sync_bn: bool = False           # under torchrun: SyncBatchNorm across ranks (CUDA only)
     workers: int = 0
     data_count: int | None = None   # cap on training images (synthetic: how many to render)
