@@ -1,6 +1,7 @@
-"""Inference rewrites shared by the exporters: BatchNorm folding and stride-1 ConvTranspose -> Conv.
+"""Inference rewrites shared by the exporters: BatchNorm folding, the noise projection as a matmul, and
+stride-1 ConvTranspose -> Conv.
 
-Both are exact in real arithmetic and change float32 results only by rounding (about 1e-7 here).
+All are exact in real arithmetic and change float32 results only by rounding (about 1e-7 here).
 They work on a deep copy; the generator passed in is left as it was. `channels_last` builds the fast
 eager torch path on top of the folding (fp32 or bf16 inside, float32 at the edges).
 """
@@ -37,6 +38,28 @@ def _merge(conv, bn):
     merged.weight = torch.nn.Parameter(conv.weight * scale.reshape(shape), requires_grad=False)
     merged.bias = torch.nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
     return merged
+
+
+def projection_as_linear(g):
+    """A copy of `g` whose first layer, a transposed conv of the 1x1 noise (the dcgan's 100 -> 256x4x4),
+    is the equivalent Linear. As a conv it runs over a 4x4 window of zero padding around one pixel;
+    as a matmul it is 5x faster and the whole generator 5-9% (benchmarks/bench_projection.py)."""
+    from torch import nn
+
+    from gantk.models import Projection
+
+    g = copy.deepcopy(g).eval()
+    first = g.net[0]
+    if tuple(g.latent_shape[1:]) == (1, 1) and _projectable(first):
+        g.net = nn.Sequential(Projection.of(first), *list(g.net)[1:])
+    return g.requires_grad_(False)
+
+
+def _projectable(m) -> bool:
+    from torch import nn
+
+    return (isinstance(m, nn.ConvTranspose2d) and m.padding == (0, 0) and m.output_padding == (0, 0)
+            and m.dilation == (1, 1) and m.groups == 1)
 
 
 def stride1_as_conv(g):
@@ -76,14 +99,16 @@ def _as_conv(t):
 
 
 def for_inference(g, *, convs: bool):
-    """BatchNorm folded, and with `convs` the stride-1 transposed convs rewritten as convs."""
-    g = fold_batchnorm(g)
+    """BatchNorm folded, the noise projection a matmul, and with `convs` the stride-1 transposed convs
+    rewritten as convs."""
+    g = projection_as_linear(fold_batchnorm(g))
     return stride1_as_conv(g) if convs else g
 
 
 def channels_last(g, *, dtype: str = "fp32"):
-    """`g` for fast eager inference: BatchNorm folded, weights in `dtype` ("fp32", "bf16" or, on CUDA,
-    "fp16"), channels_last; in reduced precision the first layer (the noise projection) stays fp32.
+    """`g` for fast eager inference: BatchNorm folded, the noise projection a matmul, weights in `dtype`
+    ("fp32", "bf16" or, on CUDA, "fp16"), channels_last; in reduced precision the first layer (the
+    noise projection) stays fp32.
 
     float32 NCHW noise in, float32 NCHW images out, so it drops in wherever the eager generator runs.
     `gantk bench` measures both. On the 2-core AVX-512 CPU (no AMX): fp32 about 1.1-1.4x eager NCHW,
@@ -94,22 +119,27 @@ def channels_last(g, *, dtype: str = "fp32"):
     """
     import torch
 
+    from gantk.models import Projection
+
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    folded = fold_batchnorm(g)
+    folded = projection_as_linear(fold_batchnorm(g))
     layers = list(folded.net)
-    k = 0 if dtype == "fp32" else _after_first_layer(layers)
+    # the projection's output is made channels_last with the input of the body, in any dtype
+    k = 0 if dtype == "fp32" and not isinstance(layers[0], Projection) else _after_first_layer(layers)
     head = torch.nn.Sequential(*layers[:k])
     body = torch.nn.Sequential(*layers[k:]).to(dtypes[dtype]).to(memory_format=torch.channels_last)
     return _float_edges(head, body, dtypes[dtype], folded.latent_shape)
 
 
 def _after_first_layer(layers) -> int:
-    """Index just past the first conv and the activation that follows it."""
+    """Index just past the first conv (or the projection) and the activation that follows it."""
     from torch import nn
 
-    k = next(i for i, m in enumerate(layers) if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))) + 1
+    from gantk.models import Projection
+
+    k = next(i for i, m in enumerate(layers) if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, Projection))) + 1
     return k + 1 if k < len(layers) and isinstance(layers[k], (nn.ReLU, nn.LeakyReLU)) else k
 
 

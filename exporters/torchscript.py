@@ -1,8 +1,9 @@
 """TorchScript export of a gantk generator: scripted, frozen, validated after reloading from disk.
 
 `torch.jit.script` (not `trace`) so no shape is baked in at tracing; `torch.jit.freeze` inlines the
-weights as constants for inference. BatchNorm is folded in torch first, and stride-1 transposed convs
-become convs as in the ONNX export (torch's CPU Conv2d ran the seed generator about 30% faster). The metadata travels in
+weights as constants for inference. BatchNorm is folded in torch first, the dcgan's noise projection
+becomes a Linear and stride-1 transposed convs become convs as in the ONNX export (torch's CPU Conv2d
+ran the seed generator about 30% faster). The metadata travels in
 `_extra_files={"gantk.json": ...}`, so a program that imports only torch reads it with
 `torch.jit.load(path, _extra_files={"gantk.json": ""})`. fp32, or bf16 (`fold.channels_last`: channels_last,
 bf16 after the first layer, float32 in and out; for CPUs with AVX512-BF16 or AMX, about 1.6x fp32 here but

@@ -295,7 +295,7 @@ def test_compare_reports_batch_dependence(ckpt):
 
 
 def test_dcgan_exports_from_a_generator(tmp_path):
-    """The strided dcgan keeps ConvTranspose (the 1x1 -> 4x4 stride-1 layer becomes Conv); both formats pass."""
+    """The strided dcgan keeps ConvTranspose (the 1x1 -> 4x4 noise projection becomes Gemm); both formats pass."""
     import onnx
     import torch
 
@@ -313,7 +313,34 @@ def test_dcgan_exports_from_a_generator(tmp_path):
         assert report.max_abs_diff <= 1e-4, report
         assert read_metadata(tmp_path / name)["latent_shape"] == "[100, 1, 1]"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "g.onnx")).graph.node]
-    assert ops.count("ConvTranspose") == 3 and ops.count("Conv") == 1 and "BatchNormalization" not in ops
+    assert ops.count("ConvTranspose") == 3 and ops.count("Gemm") == 1 and "Conv" not in ops
+    assert "BatchNormalization" not in ops and ops.index("Gemm") < ops.index("ConvTranspose")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_wrong_projection_rewrite_fails_validation(tmp_path, monkeypatch, fmt):
+    """The noise projection as a matmul with its kernel flipped (as the stride-1 conv rewrite flips it)."""
+    import torch
+
+    from gantk import models
+    from gantk.errors import VerificationError
+
+    torch.manual_seed(0)
+    g, _ = models.build("dcgan")
+    src = Source.from_generator(g.eval(), arch="dcgan")
+    right = models.Projection.of
+
+    def flipped(t):
+        p = right(t)
+        cin, cout, kh, kw = t.weight.shape
+        p.linear.weight.copy_(t.weight.flip(2, 3).reshape(cin, -1).t())
+        return p
+
+    monkeypatch.setattr(models.Projection, "of", staticmethod(flipped))
+    out = tmp_path / ("g.onnx" if fmt == "onnx" else "g.pt")
+    with pytest.raises(VerificationError, match="max abs diff"):
+        EXPORTERS[fmt](src, out)
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------ bad input

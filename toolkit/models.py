@@ -27,6 +27,29 @@ class Generator(nn.Module):
         return self.net(z)
 
 
+class Projection(nn.Module):
+    """A transposed conv applied to a 1x1 input, as the matmul it is: (N, Cin, 1, 1) -> (N, Cout, kh, kw).
+    The inference form of a generator's noise projection (exporters/fold.py)."""
+
+    def __init__(self, cin: int, cout: int, kh: int, kw: int, bias: bool):
+        super().__init__()
+        self.channels, self.height, self.width = cout, kh, kw
+        self.linear = nn.Linear(cin, cout * kh * kw, bias=bias)
+
+    @classmethod
+    def of(cls, t: nn.ConvTranspose2d) -> "Projection":
+        cin, cout, kh, kw = t.weight.shape
+        p = cls(cin, cout, kh, kw, t.bias is not None).to(t.weight.device, t.weight.dtype)
+        with torch.no_grad():
+            p.linear.weight.copy_(t.weight.reshape(cin, -1).t())  # out[o, i, j] = sum_c z[c] W[c, o, i, j]
+            if t.bias is not None:
+                p.linear.bias.copy_(t.bias.repeat_interleave(kh * kw))
+        return p.requires_grad_(False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z.flatten(1)).reshape(z.shape[0], self.channels, self.height, self.width)
+
+
 class Discriminator(nn.Module):
     """`net(x)` -> one logit per image, flattened to (N,)."""
 
