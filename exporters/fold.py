@@ -43,7 +43,7 @@ def _merge(conv, bn):
 def projection_as_linear(g):
     """A copy of `g` whose first layer, a transposed conv of the 1x1 noise (the dcgan's 100 -> 256x4x4),
     is the equivalent Linear. As a conv it runs over a 4x4 window of zero padding around one pixel;
-    as a matmul it is 5x faster and the whole generator 5-9% (benchmarks/bench_projection.py)."""
+    as a matmul the layer runs 5-6x faster, the whole generator 5-8% in ONNX Runtime (BENCHMARKS.md)."""
     from torch import nn
 
     from gantk.models import Projection
