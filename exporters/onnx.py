@@ -5,8 +5,8 @@ and recommended path since 2.9 (the TorchScript-based `dynamo=False` path is dep
 the batch axis dynamic with a `torch.export.Dim` and refuses to specialise it silently, and its
 onnxscript optimiser constant-folds the graph. We still fold BatchNorm in torch first so the graph
 never depends on that optimiser, rewrite the dcgan's 1x1 noise projection as a Gemm (the generator
-5-8% faster in ONNX Runtime than with a Conv over zero padding) and stride-1 ConvTranspose as Conv (ONNX Runtime runs Conv
-faster); the dcgan's strided ConvTranspose layers stay as they are.
+runs 5-8% faster than with a Conv over zero padding) and stride-1 ConvTranspose as Conv (ONNX
+Runtime runs Conv faster); the dcgan's strided ConvTranspose layers stay as they are.
 
 The file: input `z` float32 (N, *latent_shape), output `image` float32 (N, 1, 32, 32), N dynamic; one
 self-contained file (no external data) that passes `onnx.checker.check_model(full_check=True)`, with
