@@ -261,7 +261,36 @@ def test_amp_defaults_to_bf16_where_the_cpu_has_it_and_a_resume_keeps_the_run_se
     assert ("bf16 autocast," if native else "fp32,") in r.stderr
     assert ckpt.load(run / "checkpoints" / "last.pt")["config"]["amp"] is native
     r = run_cli("train", "--resume", str(run), "--runs-dir", str(tmp_path), "--no-amp" if native else "--amp")
-    assert r.exit_code == 2 and "amp" in r.stderr
+    assert r.exit_code == 2 and "keeps the run's own amp" in r.stderr
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_a_resume_refuses_a_device_that_would_change_the_autocast_dtype(tmp_path, older):
+    """An fp16-autocast run (CUDA) resumed on the CPU would step in bf16: refused, nothing written.
+    `older`: a checkpoint from before compute_dtype was stored; its gradient scaler says fp16."""
+    first = train(tiny(amp=False, max_steps=2), runs_dir=tmp_path)
+    last = Path(first["checkpoint"])
+    assert ckpt.load(last)["compute_dtype"] == "fp32"
+    state = ckpt.load(last)
+    state["config"]["amp"] = True
+    if older:
+        del state["compute_dtype"]
+        state["scaler"] = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                           "_growth_tracker": 0}
+    else:
+        state["compute_dtype"] = "fp16 autocast"
+    ckpt.save(state, last)
+    before = sorted(p.name for p in last.parent.parent.rglob("*"))
+    r = run_cli("train", "--resume", str(last), "--device", "cpu", "--runs-dir", str(tmp_path))
+    assert r.exit_code == 2 and "trains in fp16 autocast" in r.stderr and "--device cuda" in r.stderr
+    assert sorted(p.name for p in last.parent.parent.rglob("*")) == before
+
+
+@pytest.mark.gpu
+def test_a_cpu_bf16_run_is_not_resumed_on_cuda_in_fp16(tmp_path):
+    first = train(tiny(amp=True, device="cpu", max_steps=2), runs_dir=tmp_path)
+    r = run_cli("train", "--resume", first["checkpoint"], "--device", "cuda", "--runs-dir", str(tmp_path))
+    assert r.exit_code == 2 and "trains in bf16 autocast" in r.stderr and "--device cpu" in r.stderr
 
 
 def test_tutorial_recipe_and_no_amp_train_in_fp32_on_any_cpu(tmp_path, monkeypatch):

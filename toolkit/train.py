@@ -77,6 +77,8 @@ class Trainer:
     """G, D, their EMA, optimizers, scaler and RNGs: everything a checkpoint holds."""
 
     def __init__(self, config: TrainConfig, device: torch.device, world: distributed.World = distributed.World()):
+        if config.amp is None:
+            raise ValueError("config.amp is unresolved: train() picks it (default_amp)")
         self.config, self.device, self.world = config, device, world
         torch.manual_seed(config.seed)
         random.seed(config.seed)
@@ -179,7 +181,7 @@ class Trainer:
         np_state = np.random.get_state()
         return {
             "format": ckpt.FORMAT, "kind": ckpt.KIND, "versions": ckpt.versions(),
-            "config": self.config.to_dict(), "latent_shape": list(self.g.latent_shape),
+            "config": self.config.to_dict(), "compute_dtype": self.dtype, "latent_shape": list(self.g.latent_shape),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "images_seen": self.images_seen, "elapsed_s": self.elapsed,
             "best_fid": self.best_fid, "world_size": self.world.size,
@@ -418,9 +420,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
         if run_dir is None:
             raise UsageError(f"{resume} is not inside a run folder; pass --run to say where to continue")
     device = resolve_device(config.device)
-    if config.amp is None:
-        config = config.replace(amp=default_amp(device))
-    elif config.amp and device.type == "cpu" and not native_bf16():
+    if config.amp and device.type == "cpu" and not native_bf16():
         log.warning("bf16 autocast on a CPU without bf16 instructions runs emulated: about 17x slower than "
                     "fp32 on a 2-core AVX2 CPU (BENCHMARKS.md)")
     if config.sync_bn and device.type != "cuda":
@@ -428,6 +428,8 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     created = distributed.init(world, device.type)
     cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
+        if config.amp is None:  # rank 0's CPU decides for every rank
+            config = config.replace(amp=distributed.gather(world, default_amp(device))[0])
         if device.type == "cuda":
             if world.active:
                 device = torch.device("cuda", world.local_rank)
@@ -468,6 +470,11 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device, 
                         f"for each of {world.size} process(es)")
     trainer = Trainer(config, device, world)
     if state is not None:
+        stored = _stored_dtype(state)
+        if stored != trainer.dtype:
+            where = "--device cuda" if stored.startswith("fp16") else "--device cpu"
+            raise UsageError(f"this run trains in {stored}; on {device.type} it would train in {trainer.dtype}, "
+                             f"another step (exact resume): resume it with {where}")
         trainer.load_state_dict(state)
     evaluator = _Evaluator(config, digits) if config.eval_every and world.main else None
     run = RunFolder(distributed.on_main(world, lambda: _prepare_run(config, run_dir, runs_dir, trainer.step)))
@@ -491,6 +498,15 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device, 
         progress({"event": "end", "step": trainer.step})
     return {**info, "steps": trainer.step, "epochs_done": trainer.epoch, "checkpoint": str(run.last),
             "elapsed_s": round(trainer.elapsed, 2), "last_step": trainer.last_figures}
+
+
+def _stored_dtype(state: dict[str, Any]) -> str:
+    """What a checkpoint's run computed in (older checkpoints: fp16 autocast is the one with a scaler)."""
+    if "compute_dtype" in state:
+        return state["compute_dtype"]
+    if not state["config"].get("amp"):
+        return "fp32"
+    return "fp16 autocast" if state.get("scaler") else "bf16 autocast"
 
 
 def _prepare_run(config: TrainConfig, run_dir: Path | None, runs_dir: Path, step: int) -> Path:
