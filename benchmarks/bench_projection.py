@@ -33,8 +33,9 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     g = generator_from(load(a.checkpoint)) if a.checkpoint else _random_dcgan(models)
-    before = fold.stride1_as_conv(fold.fold_batchnorm(g))  # as exported before: the head a Conv
-    after = fold.for_inference(g, convs=True)              # as exported now: the head a Linear
+    folded = fold.fold_batchnorm(g)
+    before = fold.stride1_as_conv(folded)      # as exported before: the head a Conv
+    after = fold.for_inference(g, convs=True)  # as exported now: the head a Linear
     assert isinstance(after.net[0], models.Projection)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
@@ -44,8 +45,8 @@ def main() -> None:
             path = Path(tmp) / f"{name}.onnx"
             path.write_bytes(_trace(m, g.latent_shape, DEFAULT_OPSET).SerializeToString())
             sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    eager = {"conv head": _channels_last(fold.fold_batchnorm(g)), "matmul head": fold.channels_last(g, dtype="fp32")}
-    heads = {"conv head": fold.fold_batchnorm(g).net[0], "matmul head": after.net[0]}
+    eager = {"conv head": _channels_last(folded), "matmul head": fold.channels_last(g, dtype="fp32")}
+    heads = {"conv head": folded.net[0], "matmul head": after.net[0]}
 
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {a.threads} thread(s), "
           f"medians of {a.rounds} interleaved rounds")
@@ -64,8 +65,9 @@ def main() -> None:
                 runs[("the layer alone (torch)", name)] = lambda h=h: (h(z), b)[1]
             rates = median_rates(runs, rounds=a.rounds)
         for route in dict.fromkeys(r for r, _ in rates):
-            c, m = rates[(route, "conv head")], rates[(route, "matmul head")]
-            print(f"batch {b:>4} {route:<24} conv head {c:>9,.0f} img/s   matmul head {m:>9,.0f} img/s   x{m / c:.3f}")
+            conv, matmul = rates[(route, "conv head")], rates[(route, "matmul head")]
+            print(f"batch {b:>4} {route:<24} conv head {conv:>9,.0f} img/s   matmul head {matmul:>9,.0f} img/s   "
+                  f"x{matmul / conv:.3f}")
 
 
 def _random_dcgan(models):
