@@ -2,6 +2,7 @@
 damaged files; parity failure; bad input. One tiny seed run, exported once, for the whole module."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -259,6 +260,48 @@ def test_temp_files_of_live_runs_survive_the_cleanup(tmp_path):
         live.wait()
         zombie.wait()
 
+
+
+@pytest.mark.parametrize("fs", ["this one", "without O_TMPFILE"])
+def test_atomic_write_creates_replaces_and_leaves_no_partial_file(tmp_path, monkeypatch, fs):
+    from gantk import generate as g
+
+    monkeypatch.setattr(g, "_NO_TMPFILE", set())
+    real_open, replaced = os.open, []
+    if fs == "without O_TMPFILE":
+        def no_tmpfile(path, flags, *args, **kwargs):
+            if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", no_tmpfile)
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append(b), real_replace(a, b)))
+
+    path = tmp_path / "000001.png"
+    g._write_atomic(path, b"first")
+    unnamed = str(tmp_path) not in g._NO_TMPFILE
+    assert path.read_bytes() == b"first" and (path.stat().st_mode & 0o777) == 0o644 & ~_umask()
+    assert unnamed == (not replaced)  # an unnamed file linked in, or the temp file + rename fallback
+    if fs == "without O_TMPFILE":
+        assert not unnamed
+    g._write_atomic(path, b"second")  # an existing name: replaced whole
+    assert path.read_bytes() == b"second" and sorted(os.listdir(tmp_path)) == ["000001.png"]
+
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", disk_full)
+    for name in ("000001.png", "000002.png"):
+        with pytest.raises(OSError, match="No space"):
+            g._write_atomic(tmp_path / name, b"third")
+    assert path.read_bytes() == b"second" and not (tmp_path / "000002.png").exists()
+    if unnamed:  # a failed unnamed file vanishes with its descriptor (temp files wait for _clean_temps)
+        assert sorted(os.listdir(tmp_path)) == ["000001.png"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 def test_torch_backends_batch_independent_and_close_to_onnx(exported, tmp_path):
     gen(exported["ckpt"], tmp_path / "t1", "--backend", "torch", "--count", "20", "--batch-size", "1")

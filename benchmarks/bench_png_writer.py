@@ -1,0 +1,138 @@
+"""The PNG writer before and after, in one run: Pillow's encode with zlib's default strategy (before) and
+Z_RLE (after), a file written as temp + rename (before) and unnamed with O_TMPFILE, then linked (after);
+each alone on the model's own images (us per image, the best of 3 passes), then `generate --count N`
+end to end (onnxruntime, its defaults) with the old writer and the new, beside the seed-style baseline,
+interleaved rounds, medians. Output folders stay until the end: on ext4 without a journal, deleting
+thousands of files slows the file creations of the next minute.
+
+    .venv/bin/python benchmarks/bench_png_writer.py --checkpoint runs/<run>/checkpoints/last.pt [--count 10000]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--model", type=Path, help="its ONNX export [default: runs/<run>/export/generator.onnx]")
+    p.add_argument("--count", type=int, default=10000)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--work", type=Path, default=Path("."), help="folder for the scratch outputs")
+    a = p.parse_args()
+    onnx = a.model or a.checkpoint.parent.parent / "export" / "generator.onnx"
+
+    from gantk import generate as gen
+    from gantk.backends import open_backend
+
+    backend = open_backend("onnxruntime", onnx, provider="cpu")
+    px = gen.to_pixels(backend(gen.noise(0, range(2000), backend.latent_shape)))
+    work = Path(tempfile.mkdtemp(prefix="bench-png-writer-", dir=a.work))
+    try:
+        print(f"{onnx}: {len(px)} of its images, {os.cpu_count()} cores")
+        _parts(gen, px, work)
+        _end_to_end(gen, a, onnx, work)
+    finally:
+        shutil.rmtree(work)
+
+
+def _default_strategy(px: np.ndarray) -> bytes:
+    """gantk's encode before: Pillow, zlib level 6, default strategy."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(px, "L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _best_us(fn, items) -> float:
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for x in items:
+            fn(x)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(items) * 1e6
+
+
+def _parts(gen, px: np.ndarray, work: Path) -> None:
+    from PIL import Image
+
+    for name, enc in (("encode, default strategy (before)", _default_strategy),
+                      ("encode, Z_RLE (after)", gen.encode_png)):
+        size = np.mean([len(enc(p)) for p in px])
+        print(f"{name:<40} {_best_us(enc, px):6.1f} us   mean {size:5.0f} bytes")
+    same = all(np.array_equal(np.asarray(Image.open(io.BytesIO(gen.encode_png(p)))), p) for p in px)
+    print(f"Z_RLE files decode to the same pixels: {same}")
+
+    data = [gen.encode_png(p) for p in px]
+    write = gen._write_atomic
+    variants = (("write, temp + rename (before)", lambda path, d: False), ("write, O_TMPFILE + link (after)", None))
+    for v, (name, link) in enumerate(variants):
+        rounds = []
+        for r in range(3):
+            folder = work / f"files-{v}-{r}"
+            folder.mkdir()
+            with _patched(gen, _link_new=link):
+                t0 = time.perf_counter()
+                for i, d in enumerate(data):
+                    write(folder / gen.file_name(i), d)
+                rounds.append((time.perf_counter() - t0) / len(data) * 1e6)
+        print(f"{name:<40} {min(rounds):6.1f} us   (each pass: {' '.join(f'{x:.1f}' for x in rounds)})")
+
+
+class _patched:
+    """Module attributes swapped for a block; None leaves one as it is. Worker processes forked inside
+    the block inherit the swap."""
+
+    def __init__(self, module, **attrs):
+        self.module, self.attrs = module, {k: v for k, v in attrs.items() if v is not None}
+
+    def __enter__(self):
+        self.saved = {k: getattr(self.module, k) for k in self.attrs}
+        for k, v in self.attrs.items():
+            setattr(self.module, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(self.module, k, v)
+
+
+def _end_to_end(gen, a, onnx: Path, work: Path) -> None:
+    from gantk.bench import end_to_end, seed_style_baseline
+    from gantk.checkpoint import generator_from, load
+
+    g = generator_from(load(a.checkpoint)).eval()
+    before = {"encode_png": _default_strategy, "_link_new": lambda path, d: False}
+    runs = {"seed-style baseline": lambda out: seed_style_baseline(g, out=out, count=a.count),
+            "writer before": lambda out: _patched_run(gen, before, onnx, out, a.count, end_to_end),
+            "writer after": lambda out: end_to_end(onnx, "onnxruntime", out=out, count=a.count)}
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    keys = list(runs)
+    for r in range(a.rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            rates[k].append(runs[k](work / f"e2e-{keys.index(k)}-{r}")["images_per_s"])
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\ngenerate --count {a.count} to PNGs, {a.rounds} interleaved rounds, medians")
+    for k in keys:
+        print(f"{k:<22} {med[k]:7,.0f} img/s  x{med[k] / med['seed-style baseline']:.2f} the baseline   "
+              f"(each round: {' '.join(f'{x:.0f}' for x in rates[k])})")
+    print(f"writer after / before: x{med['writer after'] / med['writer before']:.3f}")
+
+
+def _patched_run(gen, attrs, onnx, out, count, end_to_end):
+    with _patched(gen, **attrs):
+        return end_to_end(onnx, "onnxruntime", out=out, count=count)
+
+
+if __name__ == "__main__":
+    main()
