@@ -16,10 +16,11 @@ under a POSIX lock on `.gantk-lock` there), write exactly the files of the unsha
 The output folder holds `<index:06d>.png` (or one `images-<first>-<stop>[-shard<k>of<n>].npy`),
 `manifest.json` (identity: model sha256, seed, format; then index, file, sha256 per image) and
 `summary.json` (what ran where, how fast, the parity figures); `grid.png` with `grid=True`; and the
-empty `.gantk-lock`. Every file appears whole or not at all: written unnamed (O_TMPFILE) and linked in,
-or written to a temp file in the folder and moved into place with `os.replace`. PNGs are not fsynced one by one (5 ms each); instead every run checks each recorded
-file's sha256, so a file lost or damaged by a crash, or by anyone, is found and rewritten. Files gantk
-did not write are never deleted or overwritten.
+empty `.gantk-lock`. Every file appears whole or not at all: written unnamed (O_TMPFILE) and linked
+in, or written to a temp file in the folder and moved into place with `os.replace`. PNGs are not
+fsynced one by one (5 ms each); instead every run checks each recorded file's sha256, so a file lost
+or damaged by a crash, or by anyone, is found and rewritten. Files gantk did not write are never
+deleted or overwritten.
 """
 from __future__ import annotations
 
@@ -192,8 +193,8 @@ def check_out(out: Path) -> None:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Never a partial file under the final name (no fsync). A new file is written unnamed (Linux's
     O_TMPFILE) and linked in whole, one directory update instead of a temp file's create and rename
-    (0.8-0.85x the time here); where the file system has no O_TMPFILE or `path` exists, a temp file beside
-    `path`, then os.replace."""
+    (0.8-0.85x the time here); where the file system has no O_TMPFILE or `path` exists, a temp file
+    beside `path`, then os.replace."""
     if _link_new(path, data):
         return
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{HOST}-{os.getpid()}-{threading.get_ident()}")
@@ -217,7 +218,7 @@ def _link_new(path: Path, data: bytes) -> bool:
     try:
         fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o644)
     except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # no O_TMPFILE on this file system
             _NO_TMPFILE.add(folder)
             return False
         raise
