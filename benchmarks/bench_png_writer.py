@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -76,35 +77,19 @@ def _parts(gen, px: np.ndarray, work: Path) -> None:
 
     data = [gen.encode_png(p) for p in px]
     write = gen._write_atomic
-    variants = (("write, temp + rename (before)", lambda path, d: False), ("write, O_TMPFILE + link (after)", None))
-    for v, (name, link) in enumerate(variants):
+    variants = (("write, temp + rename (before)", {"_link_new": lambda path, d: False}),
+                ("write, O_TMPFILE + link (after)", {"_link_new": gen._link_new}))
+    for v, (name, swap) in enumerate(variants):
         rounds = []
         for r in range(3):
             folder = work / f"files-{v}-{r}"
             folder.mkdir()
-            with _patched(gen, _link_new=link):
+            with mock.patch.multiple(gen, **swap):  # worker processes forked inside inherit the swap
                 t0 = time.perf_counter()
                 for i, d in enumerate(data):
                     write(folder / gen.file_name(i), d)
                 rounds.append((time.perf_counter() - t0) / len(data) * 1e6)
         print(f"{name:<40} {min(rounds):6.1f} us   (each pass: {' '.join(f'{x:.1f}' for x in rounds)})")
-
-
-class _patched:
-    """Module attributes swapped for a block; None leaves one as it is. Worker processes forked inside
-    the block inherit the swap."""
-
-    def __init__(self, module, **attrs):
-        self.module, self.attrs = module, {k: v for k, v in attrs.items() if v is not None}
-
-    def __enter__(self):
-        self.saved = {k: getattr(self.module, k) for k in self.attrs}
-        for k, v in self.attrs.items():
-            setattr(self.module, k, v)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            setattr(self.module, k, v)
 
 
 def _end_to_end(gen, a, onnx: Path, work: Path) -> None:
@@ -130,7 +115,7 @@ def _end_to_end(gen, a, onnx: Path, work: Path) -> None:
 
 
 def _patched_run(gen, attrs, onnx, out, count, end_to_end):
-    with _patched(gen, **attrs):
+    with mock.patch.multiple(gen, **attrs):
         return end_to_end(onnx, "onnxruntime", out=out, count=count)
 
 

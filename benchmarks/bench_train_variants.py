@@ -1,8 +1,9 @@
 """Training-step speed of the default recipe under CPU/GPU speed options, interleaved in one run.
 
 Variants: fp32 (gantk's default on CUDA and on CPUs without bf16 instructions), channels_last, bf16
-autocast (CPU; the default where the CPU has bf16 instructions) or fp16 AMP (CUDA), and torch.compile. On CUDA every variant runs with gantk's cuDNN settings (deterministic, no autotuning),
-and "fp32 cuDNN defaults" with PyTorch's (any algorithm, no autotuning), to show what exact resume
+autocast (CPU; the default where the CPU has bf16 instructions) or fp16 AMP (CUDA), and torch.compile.
+On CUDA every variant runs with gantk's cuDNN settings (deterministic, no autotuning), and "fp32 cuDNN
+defaults" with PyTorch's (any algorithm, no autotuning), to show what exact resume
 costs. Each runs the same steps from the same initial weights and data; the table shows steps/s, the
 ratio to fp32, and how far G's weights moved from fp32's after the steps (the price in results).
 

@@ -112,7 +112,8 @@ def cli(debug: bool) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--amp/--no-amp", default=None, help="Mixed precision: bfloat16 autocast on the CPU (1.4-1.5x, "
               "FID as good: BENCHMARKS.md), float16 autocast with a gradient scaler on CUDA [default: on where "
-              "the CPU has bf16 instructions (AVX512-BF16, AMX), off on CUDA and other CPUs; a resume keeps the run's].")
+              "the CPU has bf16 instructions (AVX512-BF16, AMX), off on CUDA and other CPUs; a resume keeps "
+              "the run's].")
 @click.option("--sync-bn", is_flag=True, help="Under torchrun: SyncBatchNorm across ranks (CUDA only) "
               "[default: off, each rank normalises its own batch].")
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loader worker processes.")
