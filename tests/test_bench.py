@@ -115,6 +115,11 @@ def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
     others = doc["targets"]["other_png_plans"]  # 1 stream of 1 thread, beside the default 2 streams
     assert len(others) == (cores() > 1) and all(o["vs_baseline"] > 0 and o["vs_own_pure"] > 0 for o in others)
     assert doc["targets"]["default_e2e_vs_own_pure"] > 0
+    assert all(e["cpu_s"] > 0 and e["cores"] == cores() for e in doc["end_to_end"])
+    cpu = doc["targets"]["default_cpu"]
+    assert cpu["core_us_per_image"] > cpu["workers_core_us_per_image"] > 0 and 0 < cpu["busy"]
+    assert cpu["pure_inference_core_us_per_image"] > 0
+    assert "its CPU:" in bench_mod.format_table(doc)
     low = doc["targets"]["fastest_reduced_precision"]
     assert not native_bf16() or (low["bf16_png_e2e_vs_baseline"] > 0 and low["bf16_npy_e2e_vs_baseline"] > 0)
     assert "target fastest fp32" in bench_mod.format_table(doc)

@@ -342,8 +342,29 @@ def test_summary_says_where_the_time_went(exported, tmp_path):
     assert {"noise", "noise_wait", "inference", "png_writers", "png_wait", "manifest"} <= set(t)
     assert t["inference"] > 0 and t["png_writers"] > 0 and t["noise"] > 0
     assert t["inference"] + t["noise_wait"] + t["png_wait"] <= png["seconds"] + 2e-3  # the timed thread's stages
+    assert 0 < t["workers_cpu"] <= t["cpu"]  # worker threads here: their CPU is this process's
     npy = json.loads(gen(exported["onnx"], tmp_path / "n", "--count", "70", "--format", "npy", "--json").stdout)
     assert {"npy_write", "pixels", "inference"} <= set(npy["timing"]) and "png_writers" not in npy["timing"]
+    assert npy["timing"]["cpu"] > 0
+
+
+def test_cpu_time_counts_the_worker_processes(exported, tmp_path, monkeypatch):
+    """`timing.cpu` is this process's CPU plus its worker processes': PNG work made heavy shows in it."""
+    from gantk import generate as generate_mod
+
+    encode = generate_mod.encode_png
+
+    def heavy(px):
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.004:
+            pass
+        return encode(px)
+
+    monkeypatch.setattr(generate_mod, "PROCESS_MIN_IMAGES", 1)
+    monkeypatch.setattr(generate_mod, "encode_png", heavy)  # the workers are forked after this
+    t = json.loads(gen(exported["onnx"], tmp_path / "p", "--count", "100", "--writers", "2", "--json").stdout)["timing"]
+    assert t["workers_cpu"] >= 100 * 0.004
+    assert t["cpu"] > t["workers_cpu"]  # this process's own CPU (inference) on top
 
 
 def test_process_workers_write_the_same_bytes_as_threads(exported, tmp_path, monkeypatch):

@@ -17,7 +17,8 @@ of up to 3 interleaved runs each: `generate --count N` for the default path (onn
 batch, threads and streams), one onnxruntime stream at each other thread count, the default's npy
 variant, the TorchScript backend, the bf16 TorchScript export to PNGs and npy, and the seed-style
 baseline (eager fp32, batch 32, one PNG saved at a time), each with where its time went (generate's
-`timing`: inference, and the inference thread's waits for noise and PNG workers).
+`timing`: inference, and the inference thread's waits for noise and PNG workers) and its CPU per image
+and share of the cores kept busy: a run near 100% busy is limited by its work per image, not by waits.
 
 The library returns one dict (the `--json` document); `format_table` renders it for people.
 """
@@ -255,8 +256,9 @@ def parity(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 def end_to_end(model: Path, backend: str, *, out: Path, count: int, fmt: str = "png",
                threads: int | None = None, label: str | None = None) -> dict[str, Any]:
-    """`generate` as the command runs it, defaults unless `threads`; the timed phase and the wall time."""
-    from .backends import cpu_settings
+    """`generate` as the command runs it, defaults unless `threads`; the timed phase, its CPU seconds (this
+    process and the workers) and the wall time."""
+    from .backends import cores, cpu_settings
     from .generate import Request, generate
 
     t0 = time.perf_counter()
@@ -265,8 +267,9 @@ def end_to_end(model: Path, backend: str, *, out: Path, count: int, fmt: str = "
     plan = cpu_settings(s["settings"])
     return {"backend": label or backend, "format": fmt, "count": count, "threads": plan[0], "streams": plan[1],
             "batch_size": s["batch_size"],
-            "seconds": s["seconds"], "wall_s": round(time.perf_counter() - t0, 3),
-            "images_per_s": s["images_per_s"], "parity": s["parity"].get("status"), "timing": s["timing"]}
+            "seconds": s["seconds"], "wall_s": round(time.perf_counter() - t0, 3), "cpu_s": s["timing"]["cpu"],
+            "cores": cores(), "images_per_s": s["images_per_s"], "parity": s["parity"].get("status"),
+            "timing": s["timing"]}
 
 
 def seed_style_baseline(g, *, out: Path, count: int) -> dict[str, Any]:
@@ -274,20 +277,22 @@ def seed_style_baseline(g, *, out: Path, count: int) -> dict[str, Any]:
     import torch
     from PIL import Image
 
+    from .backends import cores
+
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)  # torch's own default, as the seed project ran
     torch.manual_seed(0)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for lo in range(0, count, BASELINE_BATCH):
             x = g(torch.randn(min(BASELINE_BATCH, count - lo), *g.latent_shape))
             px = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
             for k, p in enumerate(px):
                 Image.fromarray(np.ascontiguousarray(p), "L").save(out / f"{lo + k:06d}.png")
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {"backend": "seed-style baseline", "format": "png", "count": count, "threads": os.cpu_count(),
             "batch_size": BASELINE_BATCH, "seconds": round(seconds, 3), "wall_s": round(seconds, 3),
-            "images_per_s": round(count / seconds, 1), "parity": "n/a"}
+            "cpu_s": round(cpu, 3), "cores": cores(), "images_per_s": round(count / seconds, 1), "parity": "n/a"}
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -468,6 +473,7 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
     best_low = max(low, key=lambda r: r["images_per_s"])
     return {"default_e2e_vs_baseline": _ratio(default["images_per_s"], base),
             "default_e2e_vs_own_pure": _ratio(default["images_per_s"], pure and pure["images_per_s"]),
+            "default_cpu": _cpu_budget(default, pure),
             "other_png_plans": [_versus(doc, e, base) for e in doc["end_to_end"][2:]
                                 if (e["backend"], e["format"]) == ("onnxruntime", "png")],
             "fastest_fp32": {k: best[k] for k in ("route", "threads", "streams", "batch", "images_per_s",
@@ -479,6 +485,20 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
                                           **{f"bf16_{fmt}_e2e_vs_baseline": _ratio(e["images_per_s"], base)
                                              for e in doc["end_to_end"] for fmt in ("png", "npy")
                                              if (e["backend"], e["format"]) == ("torchscript bf16", fmt)}}}
+
+
+def _cpu_budget(e: dict, pure: dict | None) -> dict[str, Any] | None:
+    """Where an end-to-end run's CPU went, in core-us per image, against the 90% target: with every core
+    busy, 90% of the pure rate leaves (cores / 0.9 / pure rate) less what inference alone takes (its
+    threads x streams busy at the pure rate) for everything else: noise, PNGs, the pipeline."""
+    if not (pure and e.get("cpu_s") and e.get("seconds")):
+        return None
+    us = lambda sec: round(sec / e["count"] * 1e6, 1)  # noqa: E731
+    inference = e["threads"] * e["streams"] / pure["images_per_s"] * 1e6
+    return {"core_us_per_image": us(e["cpu_s"]), "workers_core_us_per_image": us(e["timing"]["workers_cpu"]),
+            "busy": round(e["cpu_s"] / (e["seconds"] * e["cores"]), 3), "cores": e["cores"],
+            "pure_inference_core_us_per_image": round(inference, 1),
+            "left_at_90pct_core_us_per_image": round(e["cores"] / (0.9 * pure["images_per_s"]) * 1e6 - inference, 1)}
 
 
 def _versus(doc, e: dict, base: float) -> dict[str, Any]:
@@ -533,14 +553,22 @@ def _threads(r: dict[str, Any]) -> str:
 
 def _e2e_header() -> str:
     return (f"{'end to end':<22}{'fmt':<5}{'thr':>5}{'batch':>6}{'count':>7}{'img/s':>9}{'timed s':>9}{'wall s':>8}"
-            f"{'infer s':>9}{'wait s':>8}  {'parity':<8}img/s of each run (the median's figures to the left)")
+            f"{'infer s':>9}{'wait s':>8}{'core-us':>9}{'busy':>6}  {'parity':<8}"
+            "img/s of each run (the median's figures to the left)")
 
 
 def _e2e_line(r: dict[str, Any]) -> str:
     return (f"{r['backend']:<22}{r['format']:<5}{_threads(r):>5}{r['batch_size']:>6}{r['count']:>7}"
             f"{r['images_per_s']:>9.0f}{r['seconds']:>9.2f}{r['wall_s']:>8.2f}{_seconds(r, 'inference'):>9}"
-            f"{_seconds(r, 'png_wait', 'noise_wait'):>8}  {r['parity']:<8}"
+            f"{_seconds(r, 'png_wait', 'noise_wait'):>8}{_cpu(r)}  {r['parity']:<8}"
             + " ".join(f"{v:.0f}" for v in r.get("runs", [])))
+
+
+def _cpu(r: dict[str, Any]) -> str:
+    """CPU per image (core-us, this process and its workers) and the share of the cores it kept busy."""
+    if not r.get("cpu_s"):
+        return f"{'-':>9}{'-':>6}"
+    return f"{r['cpu_s'] / r['count'] * 1e6:>9.0f}{r['cpu_s'] / (r['seconds'] * r['cores']):>6.0%}"
 
 
 def _seconds(r: dict[str, Any], *keys: str) -> str:
@@ -549,12 +577,22 @@ def _seconds(r: dict[str, Any], *keys: str) -> str:
     return f"{sum(timing.get(k, 0.0) for k in keys):.2f}" if timing else "-"
 
 
+def _budget_text(b: dict[str, Any] | None) -> list[str]:
+    if not b:
+        return []
+    return [f"  its CPU: {b['core_us_per_image']:.0f} core-us per image ({b['workers_core_us_per_image']:.0f} in the "
+            f"workers), {b['busy']:.0%} of {b['cores']} cores busy",
+            f"  pure inference alone takes {b['pure_inference_core_us_per_image']:.0f} core-us per image: 90% of its "
+            f"rate leaves {b['left_at_90pct_core_us_per_image']:.0f} for noise, PNGs and the rest"]
+
+
 def _targets_text(t: dict[str, Any]) -> str:
     f, lo = t["fastest_fp32"], t["fastest_reduced_precision"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     return "\n".join([
         f"target default e2e >= 1.5x seed-style baseline: {fmt(t['default_e2e_vs_baseline'])}",
         f"target default e2e >= 90% of its pure inference: {fmt(t['default_e2e_vs_own_pure'])}",
+        *_budget_text(t.get("default_cpu")),
         *[f"  other onnxruntime PNG plan {_threads(o)}: {fmt(o['vs_baseline'])} the baseline, "
           f"{fmt(o['vs_own_pure'])} its pure inference" for o in t.get("other_png_plans", [])],
         f"target fastest fp32 >= 80% of fp32 matmul peak: {f['route']} t{_threads(f)} batch {f['batch']} "

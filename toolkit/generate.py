@@ -546,7 +546,8 @@ def _default_atol(meta: dict[str, Any]) -> float:
 
 
 class Timing(collections.Counter):
-    """Seconds per stage of a run, for the summary's `timing` (where the time went)."""
+    """Seconds per stage of a run, for the summary's `timing` (where the time went); `cpu`: the CPU
+    seconds of the whole timed phase, `workers_cpu` the workers' share of them (noise and PNGs)."""
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -607,9 +608,11 @@ def default_writers(inference_threads: int) -> int:
     return min(MAX_WRITERS, max(2, cores() - inference_threads))
 
 
-def _noise_chunk(seed: int, indices: list[int], latent_shape: tuple[int, ...]) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    return noise(seed, indices, latent_shape), time.perf_counter() - t0
+def _noise_chunk(seed: int, indices: list[int], latent_shape: tuple[int, ...]) -> tuple[np.ndarray, float, float]:
+    """The noise, the seconds it took and the CPU seconds of this worker's thread."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    z = noise(seed, indices, latent_shape)
+    return z, time.perf_counter() - t0, time.thread_time() - c0
 
 
 def infer_batches(backend, seed: int, todo: list[int], batch_size: int, pool: Executor, timing: Timing,
@@ -619,8 +622,8 @@ def infer_batches(backend, seed: int, todo: list[int], batch_size: int, pool: Ex
     queued in the same pool, so that a batch's noise never waits behind that queue (seen on the GPU
     host with 15 workers before: 2.2 of 4.7 s spent waiting for noise).
 
-    `timing` gets the noise workers' busy time (noise) and, on this thread, the wait for noise
-    (noise_wait) and the backend call (inference)."""
+    `timing` gets the noise workers' busy time (noise) and CPU time (workers_cpu) and, on this thread, the
+    wait for noise (noise_wait) and the backend call (inference)."""
     batches = [todo[lo:lo + batch_size] for lo in range(0, len(todo), batch_size)]
     depth = max(NOISE_AHEAD, -(-backlog // batch_size) + 1)
     ahead: collections.deque = collections.deque()
@@ -634,25 +637,28 @@ def infer_batches(backend, seed: int, todo: list[int], batch_size: int, pool: Ex
     for b, idx in enumerate(batches):
         with timing("noise_wait"):
             parts = [f.result() for f in ahead.popleft()]
-        timing["noise"] += sum(sec for _, sec in parts)
+        timing["noise"] += sum(sec for _, sec, _ in parts)
+        timing["workers_cpu"] += sum(cpu for _, _, cpu in parts)
         if b + depth < len(batches):
             draw(batches[b + depth])
         with timing("inference"):
-            x = backend(np.concatenate([z for z, _ in parts]))
+            x = backend(np.concatenate([z for z, _, _ in parts]))
         yield idx, x
 
 
-def _write_chunk(out: Path, indices: list[int], px: np.ndarray, existing: set[int]) -> tuple[list[tuple], float]:
+def _write_chunk(out: Path, indices: list[int], px: np.ndarray,
+                 existing: set[int]) -> tuple[list[tuple], float, float]:
     """Encode and write PNGs of uint8 pixels; a file already holding exactly these bytes is left
-    untouched. Returns (index, name, sha256, wrote) per image and the seconds it took."""
-    t0, done = time.perf_counter(), []
+    untouched. Returns (index, name, sha256, wrote) per image, the seconds it took and the CPU seconds
+    of this worker's thread."""
+    t0, c0, done = time.perf_counter(), time.thread_time(), []
     for i, p in zip(indices, px):
         data, name = encode_png(p), file_name(i)
         wrote = i not in existing or _read_or_none(out / name) != data
         if wrote:
             _write_atomic(out / name, data)
         done.append((i, name, hashlib.sha256(data).hexdigest(), wrote))
-    return done, time.perf_counter() - t0
+    return done, time.perf_counter() - t0, time.thread_time() - c0
 
 
 def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Executor, progress: Progress,
@@ -661,7 +667,8 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
     manifest kept current.
 
     `timing`: besides infer_batches' stages, the writers' summed busy time (png_writers, over all
-    workers), this thread's wait for them (png_wait) and the manifest checkpoints (manifest)."""
+    workers) and CPU time (added to workers_cpu), this thread's wait for them (png_wait) and the manifest
+    checkpoints (manifest)."""
     stats = {"written": 0, "unchanged": 0}
     existing = {i for i in todo if (folder.path / file_name(i)).exists()}  # left by a crash, or damaged
     pending: collections.deque = collections.deque()
@@ -673,8 +680,9 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
     def settle(block: bool) -> None:
         while pending and (block or pending[0].done() or len(pending) > queued):
             with timing("png_wait"):
-                done, busy = pending.popleft().result()
+                done, busy, cpu = pending.popleft().result()
             timing["png_writers"] += busy
+            timing["workers_cpu"] += cpu
             for i, name, sha, wrote in done:
                 folder.files[i] = {"file": name, "sha256": sha}
                 stats["written" if wrote else "unchanged"] += 1
@@ -839,13 +847,15 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
         changed = folder.flush()  # claim the folder before the first image
     distributed.barrier(world)
     progress({"event": "start", "total": len(req.indices()), "done": kept})
-    t0, timing = time.perf_counter(), Timing()
+    t0, cpu0, timing = time.perf_counter(), time.process_time(), Timing()
     if req.fmt == "png":
         stats = write_pngs(be, req, folder, todo, pool, progress, timing) if todo else {"written": 0, "unchanged": 0}
         stats["generated"] = len(todo)
     else:
         stats = write_npy(be, req, folder, pool, progress, timing)
     seconds = time.perf_counter() - t0
+    # CPU seconds of the timed phase, this process's threads and the worker processes' together
+    timing["cpu"] = time.process_time() - cpu0 + (timing["workers_cpu"] if isinstance(pool, ProcessPoolExecutor) else 0)
     stats["timing"] = timing.report()  # under torchrun the summary keeps rank 0's
     if world.active:
         stats, kept, parity, seconds = _merge_ranks(world, folder, stats, kept, parity, seconds)
