@@ -275,7 +275,7 @@ def test_atomic_write_creates_replaces_and_leaves_no_partial_file(tmp_path, monk
             return real_open(path, flags, *args, **kwargs)
         monkeypatch.setattr(os, "open", no_tmpfile)
     real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append(b), real_replace(a, b)))
+    monkeypatch.setattr(os, "replace", lambda a, b, **kw: (replaced.append(b), real_replace(a, b, **kw)))
 
     path = tmp_path / "000001.png"
     g._write_atomic(path, b"first")
