@@ -197,7 +197,7 @@ def _write_atomic(path: Path, data: bytes, dir_fd: int | None = None) -> None:
     beside `path`, then os.replace.
 
     `dir_fd`: path's folder, opened by the caller, so that its path is not resolved again at every file
-    (a PNG writer opens it once per task: 42 against 62 core-us a file, benchmarks/bench_png_writer.py)."""
+    (a PNG writer opens it once per task: 42 against 62 core-us a file here, BENCHMARKS.md)."""
     if dir_fd is None:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
