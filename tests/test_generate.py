@@ -263,10 +263,13 @@ def test_temp_files_of_live_runs_survive_the_cleanup(tmp_path):
 
 
 @pytest.mark.parametrize("fs", ["this one", "without O_TMPFILE"])
-def test_atomic_write_creates_replaces_and_leaves_no_partial_file(tmp_path, monkeypatch, fs):
+@pytest.mark.parametrize("by", ["path", "folder descriptor"])
+def test_atomic_write_creates_replaces_and_leaves_no_partial_file(tmp_path, monkeypatch, fs, by):
     from gantk import generate as g
 
     monkeypatch.setattr(g, "_NO_TMPFILE", set())
+    dir_fd = g._open_dir(tmp_path) if by == "folder descriptor" else None
+    assert (dir_fd is None) == (by == "path")
     real_open, replaced = os.open, []
     if fs == "without O_TMPFILE":
         def no_tmpfile(path, flags, *args, **kwargs):
@@ -277,14 +280,15 @@ def test_atomic_write_creates_replaces_and_leaves_no_partial_file(tmp_path, monk
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b, **kw: (replaced.append(b), real_replace(a, b, **kw)))
 
+    write = lambda path, data: g._write_atomic(path, data, dir_fd)  # noqa: E731
     path = tmp_path / "000001.png"
-    g._write_atomic(path, b"first")
+    write(path, b"first")
     unnamed = str(tmp_path) not in g._NO_TMPFILE
     assert path.read_bytes() == b"first" and (path.stat().st_mode & 0o777) == 0o644 & ~_umask()
     assert unnamed == (not replaced)  # an unnamed file linked in, or the temp file + rename fallback
     if fs == "without O_TMPFILE":
         assert not unnamed
-    g._write_atomic(path, b"second")  # an existing name: replaced whole
+    write(path, b"second")  # an existing name: replaced whole
     assert path.read_bytes() == b"second" and sorted(os.listdir(tmp_path)) == ["000001.png"]
 
     def disk_full(fd, data):
@@ -292,10 +296,12 @@ def test_atomic_write_creates_replaces_and_leaves_no_partial_file(tmp_path, monk
     monkeypatch.setattr(os, "write", disk_full)
     for name in ("000001.png", "000002.png"):
         with pytest.raises(OSError, match="No space"):
-            g._write_atomic(tmp_path / name, b"third")
+            write(tmp_path / name, b"third")
     assert path.read_bytes() == b"second" and not (tmp_path / "000002.png").exists()
     if unnamed:  # a failed unnamed file vanishes with its descriptor (temp files wait for _clean_temps)
         assert sorted(os.listdir(tmp_path)) == ["000001.png"]
+    if dir_fd is not None:
+        os.close(dir_fd)
 
 
 def _umask() -> int:

@@ -196,36 +196,43 @@ def _write_atomic(path: Path, data: bytes, dir_fd: int | None = None) -> None:
     (0.8-0.85x the time here); where the file system has no O_TMPFILE or `path` exists, a temp file
     beside `path`, then os.replace.
 
-    `dir_fd`: path's folder, opened by the caller, so that its path is not resolved again at every file
-    (a PNG writer opens it once per task: 42 against 62 core-us a file here, BENCHMARKS.md)."""
-    if dir_fd is None:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            return _write_atomic(path, data, dir_fd)
-        finally:
-            os.close(dir_fd)
+    `dir_fd`: path's folder from `_open_dir`, for names relative to it: a PNG worker opens the folder
+    once per task rather than have its path resolved at every call (42 against 62 core-us a file
+    here, BENCHMARKS.md)."""
     if _link_new(path, data, dir_fd):
         return
-    tmp = f"{TMP_PREFIX}{path.name}-{HOST}-{os.getpid()}-{threading.get_ident()}"
+    tmp = _at(path.with_name(f"{TMP_PREFIX}{path.name}-{HOST}-{os.getpid()}-{threading.get_ident()}"), dir_fd)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dir_fd)
     try:
         _write_all(fd, data)
     finally:
         os.close(fd)
-    os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.replace(tmp, _at(path, dir_fd), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def _at(path: Path, dir_fd: int | None) -> str | Path:
+    """`path` as an *at() call takes it: its name in the folder `dir_fd`, else the path itself."""
+    return path.name if dir_fd is not None else path
+
+
+def _open_dir(folder: Path) -> int | None:
+    """`folder` open for the *at() calls of `_write_atomic`; None where the OS has none (Windows)."""
+    if not hasattr(os, "O_DIRECTORY") or os.open not in os.supports_dir_fd:
+        return None
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
 
 
 _NO_TMPFILE: set[str] = set()  # folders whose file system refused O_TMPFILE (or /proc is missing)
 
 
-def _link_new(path: Path, data: bytes, dir_fd: int) -> bool:
-    """Write `data` to an unnamed file in path's folder (open as `dir_fd`) and link it as `path`; False,
+def _link_new(path: Path, data: bytes, dir_fd: int | None) -> bool:
+    """Write `data` to an unnamed file in path's folder (or `dir_fd`) and link it as `path`; False,
     having changed nothing, where that cannot be done (no O_TMPFILE here, or `path` already exists)."""
     folder = str(path.parent)
     if not hasattr(os, "O_TMPFILE") or folder in _NO_TMPFILE:
         return False
     try:
-        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o644, dir_fd=dir_fd)
+        fd = os.open("." if dir_fd is not None else folder, os.O_TMPFILE | os.O_WRONLY, 0o644, dir_fd=dir_fd)
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # no O_TMPFILE on this file system
             _NO_TMPFILE.add(folder)
@@ -233,9 +240,9 @@ def _link_new(path: Path, data: bytes, dir_fd: int) -> bool:
         raise
     try:
         _write_all(fd, data)
-        # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N, open(2)'s unprivileged way (a dir_fd makes
-        # os.link call linkat)
-        os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+        # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N, open(2)'s unprivileged way. The source path is
+        # absolute, so src_dir_fd is ignored by the kernel; passing one makes os.link call linkat.
+        os.link(f"/proc/self/fd/{fd}", _at(path, dir_fd), src_dir_fd=fd, dst_dir_fd=dir_fd, follow_symlinks=True)
     except FileExistsError:
         return False
     except OSError as e:
@@ -661,7 +668,7 @@ def _write_chunk(out: Path, indices: list[int], px: np.ndarray,
     untouched. Returns (index, name, sha256, wrote) per image, the seconds it took and the CPU seconds
     of this worker's thread."""
     t0, c0, done = time.perf_counter(), time.thread_time(), []
-    dir_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    dir_fd = _open_dir(out)
     try:
         for i, p in zip(indices, px):
             data, name = encode_png(p), file_name(i)
@@ -670,7 +677,8 @@ def _write_chunk(out: Path, indices: list[int], px: np.ndarray,
                 _write_atomic(out / name, data, dir_fd)
             done.append((i, name, hashlib.sha256(data).hexdigest(), wrote))
     finally:
-        os.close(dir_fd)
+        if dir_fd is not None:
+            os.close(dir_fd)
     return done, time.perf_counter() - t0, time.thread_time() - c0
 
 
