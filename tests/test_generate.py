@@ -613,6 +613,22 @@ def test_unavailable_provider_exit_2(exported, tmp_path, monkeypatch):
     assert doc["provider"] == "cpu" and "running on the CPU" in r.stderr and doc["warnings"]
 
 
+def test_no_parity_on_a_machine_without_gpu_never_imports_torch(exported, tmp_path):
+    """torch takes about 2 s to import; an onnxruntime run without a parity check has no use for it."""
+    from gantk import backends
+
+    if not backends.no_nvidia_gpu():
+        pytest.skip("an NVIDIA GPU is visible here")
+    code = ("import sys; from gantk.cli import cli; cli(sys.argv[1:], prog_name='gantk', standalone_mode=False); "
+            "print('torch' in sys.modules)")
+    args = ["generate", "--model", str(exported["onnx"]), "--out", str(tmp_path / "o"), "--count", "3", "-q"]
+    out = subprocess.run([sys.executable, "-c", code, *args, "--no-parity"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False"] and len(pngs(tmp_path / "o")) == 3
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True"]  # the parity check's eager reference
+
+
 def test_out_is_a_file_exit_2_and_read_only_exit_1(exported, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")

@@ -156,11 +156,22 @@ def check_metadata(meta: dict[str, str], path: Path) -> dict[str, Any]:
 
 
 NO_DEVICE = "no CUDA device is visible (torch.cuda.is_available() is False)"
+NO_GPU = "no NVIDIA device for CUDA (no /dev/nvidiactl)"
 NVIDIA_GPUS = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees (Linux)
+GPU_DEVICES = ("/dev/nvidiactl", "/dev/dxg")  # CUDA opens one of these on Linux (the second on WSL 2)
+
+
+def no_nvidia_gpu() -> bool:
+    """True on Linux without the device files CUDA opens: CUDA cannot run there. (/proc/driver/nvidia/gpus
+    is no such sign: some container runtimes hide it while the GPUs work.)"""
+    return sys.platform.startswith("linux") and not any(os.path.exists(d) for d in GPU_DEVICES)
 
 
 def _cuda_reason() -> str | None:
-    """Why torch cannot run CUDA here, or None. Importing torch first also makes its CUDA libraries visible."""
+    """Why torch cannot run CUDA here, or None. Importing torch first also makes its CUDA libraries visible;
+    without a GPU, nothing is imported (torch takes about 2 s to import, which a CPU run may not need)."""
+    if no_nvidia_gpu():
+        return NO_GPU
     try:
         import torch
     except ImportError:
@@ -175,7 +186,7 @@ def _cuda_reason() -> str | None:
 def _ort_cuda_reason(ort, reason: str | None) -> str | None:
     """CUDA for onnxruntime: a CUDA torch imported first lends its libraries and knows if a device is there;
     without one, `onnxruntime.preload_dlls()` loads them from the nvidia wheels and the session decides."""
-    if reason is None or reason == NO_DEVICE:
+    if reason is None or reason in (NO_DEVICE, NO_GPU):
         return reason
     if hasattr(ort, "preload_dlls"):
         with contextlib.redirect_stdout(sys.stderr):  # it prints what it could not load

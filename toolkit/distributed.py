@@ -39,19 +39,24 @@ def from_env() -> World:
 
 
 def init(world: World, device_type: str) -> bool:
-    """Join the process group (NCCL on CUDA, Gloo on CPU); True when this call created it."""
+    """Join the process group (NCCL on CUDA, Gloo on CPU); True when this call created it. One process
+    alone imports nothing (torch takes 2 s to import, which generate --no-parity never needs)."""
+    if not world.active:
+        return False
     import torch.distributed as dist
 
-    if not world.active or dist.is_initialized():
+    if dist.is_initialized():
         return False
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return True
 
 
 def shutdown(created: bool) -> None:
+    if not created:
+        return
     import torch.distributed as dist
 
-    if created and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
