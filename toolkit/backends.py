@@ -158,7 +158,8 @@ def check_metadata(meta: dict[str, str], path: Path) -> dict[str, Any]:
 NO_DEVICE = "no CUDA device is visible (torch.cuda.is_available() is False)"
 NO_GPU = "no NVIDIA device for CUDA (no /dev/nvidiactl)"
 NVIDIA_GPUS = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees (Linux)
-GPU_DEVICES = ("/dev/nvidiactl", "/dev/dxg")  # CUDA opens one of these on Linux (the second on WSL 2)
+# CUDA opens one of these on Linux: the driver's control device, WSL 2's GPU, a Jetson's (Tegra) memory map
+GPU_DEVICES = ("/dev/nvidiactl", "/dev/dxg", "/dev/nvmap")
 
 
 def no_nvidia_gpu() -> bool:
