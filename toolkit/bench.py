@@ -493,10 +493,11 @@ def _cpu_budget(e: dict, pure: dict | None) -> dict[str, Any] | None:
     threads x streams busy at the pure rate) for everything else: noise, PNGs, the pipeline."""
     if not (pure and e.get("cpu_s") and e.get("seconds")):
         return None
-    us = lambda sec: round(sec / e["count"] * 1e6, 1)  # noqa: E731
+    per_image, busy = _cpu_figures(e)
     inference = e["threads"] * e["streams"] / pure["images_per_s"] * 1e6
-    return {"core_us_per_image": us(e["cpu_s"]), "workers_core_us_per_image": us(e["timing"]["workers_cpu"]),
-            "busy": round(e["cpu_s"] / (e["seconds"] * e["cores"]), 3), "cores": e["cores"],
+    return {"core_us_per_image": round(per_image, 1),
+            "workers_core_us_per_image": round(e["timing"]["workers_cpu"] / e["count"] * 1e6, 1),
+            "busy": round(busy, 3), "cores": e["cores"],
             "pure_inference_core_us_per_image": round(inference, 1),
             "left_at_90pct_core_us_per_image": round(e["cores"] / (0.9 * pure["images_per_s"]) * 1e6 - inference, 1)}
 
@@ -564,11 +565,17 @@ def _e2e_line(r: dict[str, Any]) -> str:
             + " ".join(f"{v:.0f}" for v in r.get("runs", [])))
 
 
+def _cpu_figures(r: dict[str, Any]) -> tuple[float, float]:
+    """An end-to-end run's CPU per image (core-us, this process and its workers) and the share of the
+    cores it kept busy."""
+    return r["cpu_s"] / r["count"] * 1e6, r["cpu_s"] / (r["seconds"] * r["cores"])
+
+
 def _cpu(r: dict[str, Any]) -> str:
-    """CPU per image (core-us, this process and its workers) and the share of the cores it kept busy."""
     if not r.get("cpu_s"):
         return f"{'-':>9}{'-':>6}"
-    return f"{r['cpu_s'] / r['count'] * 1e6:>9.0f}{r['cpu_s'] / (r['seconds'] * r['cores']):>6.0%}"
+    per_image, busy = _cpu_figures(r)
+    return f"{per_image:>9.0f}{busy:>6.0%}"
 
 
 def _seconds(r: dict[str, Any], *keys: str) -> str:
