@@ -1,8 +1,8 @@
-"""`gantk info`: what a checkpoint, ONNX file or TorchScript file holds, as one plain dict.
+"""`gantk info`: what a checkpoint, ONNX file, TorchScript file or digit classifier holds, as one plain dict.
 
 Every kind reports kind, path, size, sha256, inputs and outputs (name, shape, dtype) and metadata;
-checkpoints add config, step and images seen. Anything that is not a gantk artefact raises
-CheckpointError with a one-line reason.
+checkpoints add config, step and images seen, classifiers their training data and held-out accuracy.
+Anything that is not a gantk artefact raises CheckpointError with a one-line reason.
 """
 from __future__ import annotations
 
@@ -28,7 +28,13 @@ def describe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"not found: {path}")
     kind = export_kind(path)
-    body = {"checkpoint": _checkpoint, "onnx": _onnx, "torchscript": _torchscript}[kind](path)
+    try:
+        body = {"checkpoint": _checkpoint, "onnx": _onnx, "torchscript": _torchscript}[kind](path)
+    except CheckpointError:
+        body = _classifier(path) if kind == "checkpoint" else None
+        if body is None:
+            raise
+        kind = "classifier"
     return {"kind": kind, **_file(path), **body}
 
 
@@ -52,6 +58,24 @@ def _checkpoint(path: Path) -> dict[str, Any]:
             "epoch": s.get("epoch"), "images_seen": s.get("images_seen"), "ema": s.get("ema") is not None,
             "generator_parameters": int(sum(t.numel() for t in g.values() if t.is_floating_point())),
             "versions": s.get("versions", {}), "config": s["config"]}
+
+
+def _classifier(path: Path) -> dict[str, Any] | None:
+    """A digit classifier's description (`gantk classifier train`); None where `path` holds none."""
+    from gantk import classifier
+
+    try:
+        c = classifier.load(path)
+    except CheckpointError:
+        return None
+    m = c.meta
+    return {"inputs": [{"name": "images", "shape": ["N", 32, 32], "dtype": "uint8"}],
+            "outputs": [{"name": "features", "shape": ["N", m["feature_dim"]], "dtype": "float32"},
+                        {"name": "probabilities", "shape": ["N", 10], "dtype": "float32"}],
+            "heldout_accuracy": m.get("heldout_accuracy"), "data": m.get("source"),
+            "data_sha256": m.get("data_sha256"), "train_images": m.get("n_train"),
+            "heldout_images": m.get("n_heldout"), "epochs": m.get("epochs"),
+            "parameters": int(sum(p.numel() for p in c.model.parameters())), "versions": m.get("versions", {})}
 
 
 def _onnx(path: Path) -> dict[str, Any]:

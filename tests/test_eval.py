@@ -253,6 +253,25 @@ def test_cli_eval_bad_input_exits_2(case, message, clf_path, ref_path, ref, work
     assert message in r.output
 
 
+def test_cli_eval_finds_the_classifier_in_runs_dir_and_info_describes_it(clf_path, clf, ref_path, ref, work,
+                                                                         tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copy(clf_path, runs / "classifier.pt")
+    np.save(tmp_path / "held.npy", ref.heldout)
+    r = CliRunner().invoke(cli, ["eval", str(tmp_path / "held.npy"), "--runs-dir", str(runs), "--reference",
+                                 str(ref_path), "--heldout", str(HELDOUT), "--cache-dir", str(work / "cache")])
+    assert r.exit_code == 0, r.output
+    assert f"classifier: {runs / 'classifier.pt'}" in r.stderr
+    r = CliRunner().invoke(cli, ["info", str(runs / "classifier.pt"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["kind"] == "classifier" and d["heldout_accuracy"] == clf.heldout_accuracy
+    assert d["outputs"][0]["shape"] == ["N", clf.meta["feature_dim"]] and d["parameters"] > 0
+
+
 def test_cli_classifier_train_and_its_bad_input(tmp_path):
     out = tmp_path / "clf.pt"
     r = CliRunner().invoke(cli, ["classifier", "train", "--data", "synthetic", "--count", "300", "--epochs", "1",

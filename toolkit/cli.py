@@ -243,7 +243,8 @@ def doctor(as_json: bool) -> None:
 @click.option("--backend", type=click.Choice(["onnxruntime", "torchscript", "torch"]), default="onnxruntime",
               show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="auto", show_default=True,
-              help="Where it runs; auto falls back to the CPU with a warning, an explicit one must be active.")
+              help="Where it runs; auto takes the GPU when usable, else the CPU (with a warning where a GPU is "
+                   "there but unusable); an explicit one must be active.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("digits"), show_default=True)
 @click.option("--count", type=int, default=10000, show_default=True)
 @click.option("--start", type=int, default=0, show_default=True, help="First index.")
@@ -403,7 +404,7 @@ def _echo_export(r: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
 def info(path: Path, as_json: bool) -> None:
-    """What a checkpoint, ONNX or TorchScript file holds: kind, I/O, metadata, size, sha256."""
+    """What a checkpoint, ONNX or TorchScript file or digit classifier holds: kind, I/O, metadata, size, sha256."""
     from .exporters.info import describe
 
     d = describe(path)
@@ -470,8 +471,8 @@ def classifier_train(**o: Any) -> None:
 @click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--count", type=int, default=None,
               help="Samples to draw from a model [default: 10000]; at most this many from a folder or .npy.")
-@click.option("--classifier", "classifier_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=DEFAULT_CLASSIFIER, show_default=True, help="From `gantk classifier train`.")
+@click.option("--classifier", "classifier_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="From `gantk classifier train` [default: <runs-dir>/classifier.pt].")
 @click.option("--reference", default="mnist", show_default=True, help="Real digits: mnist, synthetic or a path.")
 @click.option("--heldout", type=int, default=None,
               help="Real digits held out of --reference (its last ones) for the reference row [default: min(2000, N/5)].")
@@ -482,7 +483,8 @@ def classifier_train(**o: Any) -> None:
               help="Reference statistics cache [default: $GANTK_CACHE/eval].")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a one-page PNG report (of the first source).")
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
+              help="Where the default source (the newest run) and classifier are.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
 def eval_cmd(**o: Any) -> None:
@@ -499,8 +501,9 @@ def eval_cmd(**o: Any) -> None:
         _echo(f"source: {sources[0]} (newest run)")
     if o["count"] is not None and o["count"] < 1:
         raise click.UsageError("--count must be at least 1")
-    _echo(f"classifier: {o['classifier_path']}; reference: {o['reference']}")
-    doc = evaluate(sources, classifier=o["classifier_path"], reference=o["reference"], count=o["count"],
+    classifier = o["classifier_path"] or o["runs_dir"] / "classifier.pt"
+    _echo(f"classifier: {classifier}; reference: {o['reference']}")
+    doc = evaluate(sources, classifier=classifier, reference=o["reference"], count=o["count"],
                    seed=o["seed"], heldout=o["heldout"], cache_dir=o["cache_dir"], report=o["report"],
                    provider=o["provider"])
     if o["as_json"]:
