@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train on every GPU of one machine (DDP over NCCL; on a CPU-only machine: Gloo, one process per core).
+# Train on every GPU of one machine (DDP over NCCL). On a CPU-only machine it runs one process unless
+# NPROC says more (Gloo; torchrun gives each process 1 intra-op thread).
 # --batch-size is per process: 4 GPUs x 32 = 128 images per step. The `--` keeps torchrun's own
 # option parser away from gantk's flags (it would read --run as --run-path, --start as --start-method).
 set -euo pipefail

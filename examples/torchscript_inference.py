@@ -18,7 +18,7 @@ import zlib
 
 import torch
 
-# torch 2.15 marks torch.jit deprecated; loading TorchScript still works and is what this example shows.
+# torch 2.14+ marks torch.jit deprecated; loading TorchScript still works and is what this example shows.
 warnings.filterwarnings("ignore", r".*is deprecated", FutureWarning, r"torch\.jit")
 
 
