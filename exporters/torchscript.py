@@ -9,8 +9,8 @@ ran the seed generator about 30% faster). The metadata travels in
 bf16 after the first layer, float32 in and out; for CPUs with AVX512-BF16 or AMX, about 1.6x fp32 here but
 up to 2-3 uint8 levels off); fp16 is an ONNX option.
 
-torch 2.15 marks torch.jit as deprecated (FutureWarning on every call); TorchScript is still what a
-torch-only C++/Python program loads without gantk, so we keep it and silence that one warning here.
+torch (2.14 and 2.15 here) marks torch.jit as deprecated (FutureWarning on every call); TorchScript is
+still what a torch-only C++/Python program loads without gantk, so we keep it and silence that warning here.
 """
 from __future__ import annotations
 

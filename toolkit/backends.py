@@ -8,7 +8,8 @@ Every backend takes float32 noise `(N, *latent_shape)` and returns float32 image
 Backends that are not batch-size invariant on their own (torch, CUDA) run one fixed compute shape and
 pad, so that image i never depends on which batch it was in. After an onnxruntime session is made,
 `get_providers()` says what really runs: an explicitly requested provider that is not active is a
-UsageError naming the cause; `auto` falls back to the CPU with a warning.
+UsageError naming the cause; `auto` falls back to the CPU, with a warning where an NVIDIA GPU is there
+but unusable (quietly on a machine without one).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The training loop: exact resume, clean stops on SIGINT/SIGTERM, divergence detection.
 
 `train(config, ...)` runs one run folder:
-  runs/<run>/config.json, checkpoints/{last.pt,step-*.pt}, samples/epoch-*.png, metrics.csv, loss.png
+  runs/<run>/config.json, checkpoints/{last.pt,step-*.pt,best.pt}, samples/{epoch-*,step-*,latest}.png,
+  metrics.csv, loss.png
 Progress goes to an optional callback; nothing is printed.
 """
 from __future__ import annotations
