@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from gantk.errors import GantkError, UsageError, VerificationError
+from gantk.errors import CheckpointError, GantkError, UsageError, VerificationError
 
 FORMAT_VERSION = "1"
 KIND = "gantk-generator"
@@ -132,10 +132,19 @@ def check_dtype(dtype: str) -> None:
 
 
 def destination(out: str | Path) -> Path:
-    """`out` as an absolute path whose folder exists and is writable; UsageError if it is a folder."""
+    """`out` as an absolute path whose folder exists and is writable; UsageError if it is a folder or a
+    file that is not a gantk export (the user's, or the checkpoint itself): only exports are replaced."""
+    from . import read_metadata
+
     out = Path(out).expanduser().absolute()
     if out.is_dir():
         raise UsageError(f"--out is an existing directory: {out} (give a file path)")
+    if out.exists():
+        try:
+            read_metadata(out)
+        except CheckpointError:
+            raise UsageError(f"--out {out} exists and is not a gantk export; not overwriting it "
+                             "(choose another --out)") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

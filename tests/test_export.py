@@ -245,13 +245,14 @@ def test_perturbed_weight_fails_and_keeps_existing_out(ckpt, tmp_path, monkeypat
         init.CopyFrom(nh.from_array(w, init.name))
         return proto
 
-    monkeypatch.setattr(onnx_exporter, "_build", perturbed)
     out = tmp_path / "g.onnx"
-    out.write_bytes(b"previous export")
+    assert _export(["--checkpoint", str(ckpt), "--out", str(out)]).exit_code == 0
+    previous = out.read_bytes()
+    monkeypatch.setattr(onnx_exporter, "_build", perturbed)
     r = _export(["--checkpoint", str(ckpt), "--out", str(out)])
     assert r.exit_code == 4, r.output
     assert "max abs diff" in r.stderr and "uint8 pixels off" in r.stderr and "left unchanged" in r.stderr
-    assert out.read_bytes() == b"previous export"
+    assert out.read_bytes() == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
 
 
@@ -386,6 +387,23 @@ def test_bad_options_exit_2(ckpt, tmp_path, args, code, needle):
 def test_out_is_a_directory_exit_2(ckpt, tmp_path):
     r = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path)])
     assert r.exit_code == 2 and "directory" in r.stderr and str(tmp_path) in r.stderr
+
+
+def test_out_replaces_only_a_gantk_export(ckpt, tmp_path):
+    """The user's file, or the checkpoint itself, at --out is refused and left as it was."""
+    import shutil
+
+    mine, own = tmp_path / "mine.onnx", tmp_path / "last.pt"
+    mine.write_text("my notes")
+    shutil.copy(ckpt, own)
+    before = own.read_bytes()
+    for out, src in ((mine, ckpt), (own, own)):
+        r = _export(["--checkpoint", str(src), "--out", str(out)])
+        assert r.exit_code == 2 and "not a gantk export" in r.stderr and r.stderr.count("\n") == 1, r.output
+    assert mine.read_text() == "my notes" and own.read_bytes() == before
+    out = tmp_path / "g.onnx"
+    for _ in range(2):  # an export is replaced by the next one
+        assert _export(["--checkpoint", str(ckpt), "--out", str(out)]).exit_code == 0
 
 
 def test_unwritable_folder_exit_1(ckpt, tmp_path):
