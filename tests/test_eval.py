@@ -197,6 +197,14 @@ def test_cli_eval_npy_json_and_report(clf_path, ref_path, ref, work, tmp_path):
     assert doc["rows"][0]["fid"] == pytest.approx(doc["real_heldout"]["fid"], abs=1e-6)
     with Image.open(tmp_path / "report.png") as im:
         assert im.size[0] >= 1000
+    r = _eval([tmp_path / "held.npy", "--report", tmp_path / "report.png"], clf_path, ref_path, work)
+    assert r.exit_code == 0, r.output  # an earlier report is replaced
+    mine = tmp_path / "mine.png"
+    Image.new("L", (4, 4)).save(mine)
+    r = _eval([tmp_path / "held.npy", "--report", mine], clf_path, ref_path, work)
+    assert r.exit_code == 2 and "not a gantk eval report" in r.stderr, r.output
+    with Image.open(mine) as im:
+        assert im.size == (4, 4)  # the user's file, as it was
 
 
 def test_cli_eval_converts_wrong_size_and_mode_pngs(clf_path, ref_path, ref, work, tmp_path):

@@ -4,6 +4,7 @@ Drawn with matplotlib's Agg backend (no display needed).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,30 @@ import numpy as np
 ROWS = [("fid", "FID", "{:.2f}"), ("kid", "KID x1000", "{:.2f}"), ("confidence", "confidence", "{:.3f}"),
         ("recognised", "recognised", "{:.3f}"), ("class_entropy", "mode coverage", "{:.3f}"), ("precision", "precision", "{:.3f}"),
         ("recall", "recall", "{:.3f}"), ("memorised", "memorised", "{:.3f}"), ("count", "N", "{}")]
+
+
+MARK = "gantk eval report"  # the PNG's Description: a file holding it is ours to replace
+
+
+def check_out(path: str | Path) -> None:
+    """UsageError unless `path` is free or holds an earlier report: the user's files are never replaced."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .errors import UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--report {path} is a folder; give a file path such as {path / 'report.png'}")
+    if not path.exists():
+        return
+    try:
+        with Image.open(path) as im:
+            ours = im.format == "PNG" and im.text.get("Description") == MARK
+    except (UnidentifiedImageError, OSError):
+        ours = False
+    if not ours:
+        raise UsageError(f"--report {path} exists and is not a gantk eval report; not overwriting it "
+                         "(choose another --report)")
 
 
 def write(path: str | Path, *, samples, real, reference, title: str = "") -> None:
@@ -34,8 +59,10 @@ def write(path: str | Path, *, samples, real, reference, title: str = "") -> Non
     _pairs(fig.add_subplot(grid[1, 1:]), samples, reference)
     fig.suptitle(f"gantk eval: {title}\nreference {reference.source}, {len(reference.images)} training-side "
                  f"and {len(reference.heldout)} held-out real digits", fontsize=10)
-    fig.tight_layout()
-    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
+    with warnings.catch_warnings():  # "tight layout not applied" on some tables: the page is fine
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", metadata={"Description": MARK}))
     plt.close(fig)
 
 

@@ -297,6 +297,10 @@ def evaluate(sources: list[str | Path], *, classifier: str | Path, reference: st
 
     if not sources:
         raise UsageError("nothing to evaluate: give a folder of images, an .npy/.npz or a model")
+    if report:
+        from .eval_report import check_out
+
+        check_out(report)
     clf = load(classifier)
     loaded = [load_samples(src, count=count, seed=seed, provider=provider) for src in sources]
     for images, _ in loaded:
