@@ -391,6 +391,7 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig
     (["--device", "cuda"], "CUDA is not available"),
     (["--batch-size", "0"], "batch-size must be at least 1"),
     (["--label-smoothing", "0.2"], "label-smoothing"),
+    (["--betas", "1.5", "0.9"], "betas must be in [0, 1)"),
     (["--data-count", "-5"], "data-count must be at least 1"),
 ])
 def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):

@@ -64,6 +64,8 @@ class TrainConfig:
             raise UsageError(f"label-smoothing must be in (0.5, 1], got {self.label_smoothing}")
         if self.lr_g <= 0 or self.lr_d <= 0:
             raise UsageError("learning rates must be positive")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UsageError(f"betas must be in [0, 1), got {self.beta1} {self.beta2}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
