@@ -163,7 +163,7 @@ class Trainer:
         figures = distributed.all_sum(self.world, figures).div_(self.world.size).tolist()
         if not all(np.isfinite(figures[:2])):
             raise DivergedError(f"training diverged at step {self.step + 1}: loss_d={figures[0]}, "
-                                f"loss_g={figures[1]}; the last good checkpoint is kept")
+                                f"loss_g={figures[1]}; not saved (the checkpoints before it are kept)")
         self.step += 1
         self.images_seen += n * self.world.size
         self.last_figures = dict(zip(("loss_d", "loss_g", "d_x", "d_g_z"), figures))
