@@ -275,6 +275,40 @@ def _sha256_file(path: Path) -> str | None:
         return None
 
 
+def check_room(req: Request, out: Path, have: int) -> None:
+    """A run that cannot fit is refused before it starts: PNGs take a filesystem block and an inode each
+    (`have` of them may already be there); an .npy array is built in memory, then written whole."""
+    n = len(req.indices())
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    st = os.statvfs(probe)
+    free = st.f_bavail * st.f_frsize
+    if req.fmt == "png":
+        n = max(n - have, 0)
+        if n * st.f_frsize > free:
+            raise UsageError(f"--count {req.count}: {n:,} PNGs need about {_size(n * st.f_frsize)} ({st.f_frsize}-byte "
+                             f"blocks); {out}'s filesystem has {_size(free)} free")
+        if st.f_files and n > st.f_favail:
+            raise UsageError(f"--count {req.count}: {n:,} PNGs need as many inodes; {out}'s filesystem has "
+                             f"{st.f_favail:,} free")
+        return
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 2 * n * 1024 > ram:
+        raise UsageError(f"--count {req.count}: an .npy of {n:,} images is built in memory ({_size(2 * n * 1024)} "
+                         f"with its copy), more than this machine's {_size(ram)}; split it with --start/--count")
+    if n * 1024 > free:
+        raise UsageError(f"--count {req.count}: an .npy of {n:,} images needs {_size(n * 1024)}; {out}'s "
+                         f"filesystem has {_size(free)} free")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+
+
 # ------------------------------------------------------------------------------------------ the folder
 
 
@@ -762,7 +796,7 @@ def write_npy(backend, req: Request, folder: Folder, pool: Executor, progress: P
     with timing("npy_write"):
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
-        data = buf.getvalue()
+        data = buf.getbuffer()  # no third copy of the images
         wrote = not (path.is_file() and path.read_bytes() == data)
         if wrote:
             _write_atomic(path, data)
@@ -847,6 +881,7 @@ def _open_and_write(req, model, backend, provider, asked, progress, world, pool)
                 "latent_shape": list(be.latent_shape)}
     folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
     folder.writer = world.main
+    check_room(req, out, len(folder.files))
     if out.is_dir():
         _refuse_foreign(folder, [SUMMARY, GRID, npy_name(req)])
     todo, kept = plan_pngs(folder, req.indices(), replaced) if req.fmt == "png" and out.is_dir() \
