@@ -403,6 +403,18 @@ def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) <= 2
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--fromat", "npy"], "No such option '--fromat'"), (["bogus"], "No such command 'bogus'"),
+    (["info"], "Missing argument 'PATH'"), (["train", "--arch", "big"], "'big' is not one of"),
+    (["export", "--opset", "x"], "'x' is not a valid integer"), (["classifier", "tain"], "No such command 'tain'"),
+])
+def test_usage_errors_of_any_command_are_one_line_exit_2(args, needle):
+    r = run_cli(*args)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("gantk: error: ") and needle in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "--help'" in r.stderr
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "foreign", "pickle"])
 def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, content):
     bad = tmp_path / "bad.pt"

@@ -80,7 +80,38 @@ def _progress_bar(total: int, initial: int, desc: str):
                 disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsage(click.UsageError):
+    """Click's usage errors in gantk's form: one line on stderr, exit 2."""
+
+    def show(self, file: Any = None) -> None:
+        hint = f"; see '{self.ctx.command_path} --help'" if self.ctx is not None else ""
+        click.echo(f"gantk: error: {self.format_message().rstrip('.')}{hint}", err=True)
+
+
+def _one_line(e: click.UsageError, ctx: click.Context) -> click.UsageError:
+    return e if isinstance(e, click.exceptions.NoArgsIsHelpError) else _OneLineUsage(e.format_message(), e.ctx or ctx)
+
+
+class _Command(click.Command):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            raise _one_line(e, ctx) from None
+
+
+class _Group(_Command, click.Group):
+    command_class = _Command
+    group_class = type  # subgroups are _Group too
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            raise _one_line(e, ctx) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gantk")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
@@ -450,9 +481,12 @@ def classifier_group() -> None:
 def classifier_train(**o: Any) -> None:
     """Train the digit classifier; report and store its held-out accuracy."""
     from .classifier import fit
+    from .errors import UsageError
 
-    if not 0 < o["heldout"] < 1 or o["epochs"] < 1:
-        raise click.UsageError("--heldout must be between 0 and 1 and --epochs at least 1")
+    if not 0 < o["heldout"] < 1:
+        raise UsageError(f"--heldout is a share of the images: between 0 and 1 (exclusive), got {o['heldout']}")
+    if o["epochs"] < 1:
+        raise UsageError(f"--epochs must be at least 1, got {o['epochs']}")
     _echo(f"classifier: training on {o['data']} for {o['epochs']} epochs -> {o['out']}")
 
     def progress(ev: dict[str, Any]) -> None:
@@ -493,14 +527,15 @@ def eval_cmd(**o: Any) -> None:
     Several SOURCES (e.g. the fp32 and fp16 exports of one checkpoint) are scored with the same noise.
     """
     from .checkpoint import newest_checkpoint
+    from .errors import UsageError
     from .evaluate import evaluate
 
+    if o["count"] is not None and o["count"] < 1:
+        raise UsageError(f"--count must be at least 1, got {o['count']}")
     sources = list(o["sources"])
     if not sources:
         sources = [newest_checkpoint(o["runs_dir"])]
         _echo(f"source: {sources[0]} (newest run)")
-    if o["count"] is not None and o["count"] < 1:
-        raise click.UsageError("--count must be at least 1")
     classifier = o["classifier_path"] or o["runs_dir"] / "classifier.pt"
     _echo(f"classifier: {classifier}; reference: {o['reference']}")
     doc = evaluate(sources, classifier=classifier, reference=o["reference"], count=o["count"],
