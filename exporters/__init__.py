@@ -41,9 +41,14 @@ def default_out(checkpoint: str | Path, fmt: str, dtype: str = "fp32") -> Path:
 
 
 def export_kind(path: str | Path) -> str:
-    """'torchscript', 'checkpoint' (a torch.save zip) or 'onnx' (anything else, parsed later)."""
+    """'torchscript', 'checkpoint' (a torch.save zip) or 'onnx' (anything else, parsed later); CheckpointError
+    for an empty file or a PyTorch zip cut short."""
     path = Path(path)
-    if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: empty file (0 bytes)")
+    if head != b"PK\x03\x04":
         return "onnx"
     names = _zip_names(path)
     script = any(n.endswith(("/constants.pkl", "/extra/" + torchscript.EXTRA_FILE)) or "/code/" in n for n in names)
@@ -67,8 +72,8 @@ def _zip_names(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as z:
             return z.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable zip archive ({e})") from None
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path}: a PyTorch file cut short or corrupt") from None
 
 
 def _torchscript_metadata(path: Path) -> dict[str, str]:

@@ -590,8 +590,26 @@ def test_non_gantk_models_exit_2(exported, tmp_path):
     bare = tmp_path / "bare.onnx"
     onnx.save(model, str(bare))
     assert "not a gantk export" in gen(bare, tmp_path / "o", "--count", "3", code=2).stderr
-    assert "not a loadable TorchScript" in gen(junk, tmp_path / "o", "--backend", "torchscript", code=2).stderr
+    assert "is not a PyTorch file" in gen(junk, tmp_path / "o", "--backend", "torchscript", code=2).stderr
     assert "model not found" in gen(tmp_path / "nope.onnx", tmp_path / "o", code=2).stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model, args, needle", [
+    ("ckpt", [], "is a PyTorch checkpoint, not an ONNX model; pass --backend torch"),
+    ("pt", [], "is a TorchScript export, not an ONNX model; pass --backend torchscript"),
+    ("ckpt", ["--backend", "torchscript"], "pass --backend torch"),
+    ("onnx", ["--backend", "torch"], "an ONNX model takes --backend onnxruntime"),
+    ("truncated", [], "cut short or corrupt"), ("truncated", ["--backend", "torch"], "cut short or corrupt"),
+    ("empty", [], "empty file"),
+])
+def test_a_model_file_of_another_kind_is_named_with_the_backend_that_takes_it(exported, tmp_path, model, args,
+                                                                                 needle):
+    files = dict(exported, truncated=tmp_path / "cut.pt", empty=tmp_path / "empty.onnx")
+    files["truncated"].write_bytes(exported["ckpt"].read_bytes()[:5000])
+    files["empty"].write_bytes(b"")
+    r = gen(files[model], tmp_path / "o", *args, code=2)
+    assert needle in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 

@@ -388,6 +388,7 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig
     (["--data", "/no/such/file.gz"], "data path not found: /no/such/file.gz"),
     (["--data", "mnist"], "use --data synthetic"),
     (["--resume", "/no/such/run.pt"], "checkpoint not found: /no/such/run.pt"),
+    (["--resume", "."], "is a folder without a checkpoint"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--batch-size", "0"], "batch-size must be at least 1"),
     (["--label-smoothing", "0.2"], "label-smoothing"),

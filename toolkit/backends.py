@@ -109,11 +109,29 @@ def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_s
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
+    _check_kind(kind, path)
     plan = cpu_plan(kind, threads, streams, fmt=fmt)
     if kind == "onnxruntime":
         return _open_onnx(path, provider=provider, batch_size=batch_size, plan=plan, streams_asked=streams)
     opener = {"torchscript": _open_torchscript, "torch": _open_torch}[kind]
     return opener(path, provider=provider, batch_size=batch_size, threads=plan[0])
+
+
+_TAKES = {"onnxruntime": "onnx", "torchscript": "torchscript", "torch": "checkpoint"}
+_FILE = {"onnx": ("an ONNX model", "--backend onnxruntime"), "torchscript": ("a TorchScript export", "--backend torchscript"),
+         "checkpoint": ("a PyTorch checkpoint", "--backend torch, or export it first (gantk export --checkpoint PATH)")}
+
+
+def _check_kind(kind: str, path: Path) -> None:
+    """A PyTorch file handed to the wrong backend is named for what it is, with the backend that takes it."""
+    from .exporters import export_kind
+
+    found = export_kind(path)
+    if found == "onnx" and kind != "onnxruntime":
+        raise UsageError(f"{path} is not a PyTorch file, which --backend {kind} takes; an ONNX model takes "
+                         f"--backend onnxruntime")
+    if found != _TAKES[kind] and found != "onnx":
+        raise UsageError(f"{path} is {_FILE[found][0]}, not {_FILE[_TAKES[kind]][0]}; pass {_FILE[found][1]}")
 
 
 def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = "png") -> tuple[int, int]:

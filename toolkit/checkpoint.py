@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,11 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
     if not path.is_file():
         raise CheckpointError(f"{missing}: {path}")
     with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            raise CheckpointError(f"{path}: not a readable {what} (not a PyTorch zip archive)")
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: not a readable {what} ({'empty file' if not head else 'not a PyTorch zip archive'})")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable {what} (a PyTorch file cut short or corrupt)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle refused by weights_only, not a torch file...
@@ -133,6 +137,9 @@ def resolve(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoints" / "last.pt" if (p / "checkpoints").is_dir() else p / "last.pt"
+        if not p.is_file():
+            raise CheckpointError(f"{path} is a folder without a checkpoint ({p.relative_to(path)}): not a gantk "
+                                  f"run, or one that has not saved yet")
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     return p
