@@ -331,8 +331,49 @@ def test_non_finite_loss_stops_within_one_step_and_keeps_the_last_good_checkpoin
     r = run_cli("train", "--data", "synthetic", "--data-count", "96", "--arch", "seed", "--epochs", "3",
                 "--checkpoint-every", "2", "--runs-dir", str(tmp_path), "--run", "r")
     assert r.exit_code == 3, r.output
-    assert "diverged at step 4" in r.stderr
+    assert "diverged at step 4" in r.stderr and "the last checkpoint is step 3's" in r.stderr
     assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 3  # the epoch-end save, last good
+
+
+def test_divergence_before_the_first_checkpoint_removes_the_new_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "_loss", lambda self, logits, t: logits.sum() * float("inf"))
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("mine")
+    r = run_cli("train", "--data", "synthetic", "--data-count", "96", "--arch", "seed", "--runs-dir", str(tmp_path),
+                "--run", "r")
+    assert r.exit_code == 3 and "nothing was saved; removed the new run folder" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["keep"]  # the run folder alone went
+
+
+@pytest.mark.parametrize("every, needle", [
+    (100, "before the first checkpoint: nothing saved; removed the new run folder"),
+    (2, "unsaved since step 2; resume with: gantk train --resume {last} --max-steps 50"),
+])
+def test_a_second_signal_stops_at_once_and_says_what_was_saved(tmp_path, monkeypatch, every, needle):
+    original = Trainer.train_step
+
+    def step(self, x, **kw):
+        if self.step == 3:
+            raise KeyboardInterrupt  # what the signal handler raises on a second signal
+        return original(self, x, **kw)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    r = run_cli("train", "--data", "synthetic", "--data-count", "320", "--arch", "seed", "--max-steps", "50",
+                "--checkpoint-every", str(every), "--runs-dir", str(tmp_path), "--run", "r")
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    assert r.exit_code == 130 and needle.format(last=last) in r.stderr, r.output
+    assert (tmp_path / "r").exists() == (every == 2)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_touches_nothing(tmp_path, trained_run):
+    before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")}
+    step = ckpt.load(trained_run / "checkpoints" / "last.pt")["step"]
+    for extra in ([], ["--run", "fork", "--runs-dir", str(tmp_path)], ["--max-steps", "1"]):
+        r = run_cli("train", "--resume", str(trained_run), *extra)
+        assert r.exit_code == 0, r.output
+        assert f"nothing to train: {trained_run / 'checkpoints' / 'last.pt'} is at step {step}" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")} == before
+    assert not (tmp_path / "fork").exists()
 
 
 def test_divergence_raises_in_the_library(tmp_path, monkeypatch):
@@ -368,6 +409,7 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
+    assert "resume with: gantk train --resume runs/cut/checkpoints/last.pt --max-steps 60" in err
     stopped = ckpt.load(tmp_path / "runs" / "cut" / "checkpoints" / "last.pt")
     assert 0 < stopped["step"] < 60, "the signal arrived after training ended; the test proves nothing"
     for p in (["train", "--resume", "runs/cut", "--max-steps", "60"], [*args, "--run", "straight"]):

@@ -198,9 +198,13 @@ def train(**o: Any) -> None:
         if ev["event"] == "start":
             if not o["quiet"]:
                 ranks = f" x {ev['world_size']} ranks = {ev['global_batch']} per step" if ev["world_size"] > 1 else ""
+                span = (f"steps {ev['start_step'] + 1}-{ev['total_steps']}" if ev["start_step"]
+                        else f"{ev['total_steps']} steps")
+                lr = f"lr {ev['lr_g']:g}" + (f"/{ev['lr_d']:g}" if ev["lr_d"] != ev["lr_g"] else "")
                 _echo(f"train: {ev['run_dir']} on {ev['device']} ({o['device']}), {ev['dtype']}"
-                      f"{' (auto)' if auto_amp else ''}, {ev['images']} images from "
-                      f"{ev['data']}, {ev['total_steps']} steps of {config.batch_size}{ranks}")
+                      f"{' (auto)' if auto_amp else ''}, {ev['images']} images from {ev['data']}, "
+                      f"{span} of {config.batch_size}{ranks} (--epochs {ev['epochs']}"
+                      f"{f', --max-steps {config.max_steps}' if config.max_steps else ''}), {lr}, seed {ev['seed']}")
             bar = _progress_bar(ev["total_steps"], ev["start_step"], "train")
         elif ev["event"] == "step":
             bar.update(1)
@@ -219,11 +223,20 @@ def train(**o: Any) -> None:
         return
     if o["as_json"]:
         _emit_json(summary)
+    elif summary["steps_run"] == 0:
+        limit = f" (--max-steps {config.max_steps})" if config.max_steps is not None else ""
+        _echo(f"nothing to train: {summary['checkpoint']} is at step {summary['steps']}, epoch "
+              f"{summary['epochs_done']} of {summary['epochs']}{limit}; pass --epochs or --max-steps above that "
+              f"to train further")
     elif not o["quiet"]:
         last = summary["last_step"]
-        _echo(f"done: {summary['steps']} steps, {summary['epochs_done']} epochs in {summary['elapsed_s']:.1f}s; "
-              f"loss_d {last.get('loss_d', float('nan')):.3f} loss_g {last.get('loss_g', float('nan')):.3f}; "
-              f"checkpoint {summary['checkpoint']}")
+        _echo(f"done: step {summary['steps']} ({summary['steps_run']} this run), "
+              f"{_plural(summary['epochs_done'], 'epoch')} in {summary['elapsed_s']:.1f}s; "
+              f"loss_d {last['loss_d']:.3f} loss_g {last['loss_g']:.3f}; checkpoint {summary['checkpoint']}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 # CLI options that set several TrainConfig fields, or a field of another name.
@@ -487,7 +500,7 @@ def classifier_train(**o: Any) -> None:
         raise UsageError(f"--heldout is a share of the images: between 0 and 1 (exclusive), got {o['heldout']}")
     if o["epochs"] < 1:
         raise UsageError(f"--epochs must be at least 1, got {o['epochs']}")
-    _echo(f"classifier: training on {o['data']} for {o['epochs']} epochs -> {o['out']}")
+    _echo(f"classifier: training on {o['data']} for {_plural(o['epochs'], 'epoch')} -> {o['out']}")
 
     def progress(ev: dict[str, Any]) -> None:
         _echo(f"  epoch {ev['epoch']}/{ev['epochs']}: loss {ev['loss']:.4f}, held-out accuracy {ev['heldout_accuracy']:.4f}")

@@ -163,7 +163,7 @@ class Trainer:
         figures = distributed.all_sum(self.world, figures).div_(self.world.size).tolist()
         if not all(np.isfinite(figures[:2])):
             raise DivergedError(f"training diverged at step {self.step + 1}: loss_d={figures[0]}, "
-                                f"loss_g={figures[1]}; not saved (the checkpoints before it are kept)")
+                                f"loss_g={figures[1]}; this step is not saved")
         self.step += 1
         self.images_seen += n * self.world.size
         self.last_figures = dict(zip(("loss_d", "loss_g", "d_x", "d_g_z"), figures))
@@ -303,6 +303,21 @@ class RunFolder:
         self.metrics = self.root / "metrics.csv"
         self.last = self.checkpoints / "last.pt"
         self.best = self.checkpoints / "best.pt"
+        self.saved: tuple[int, Path] | None = None  # (step, path) of the newest checkpoint to resume from
+
+    def discard(self) -> bool:
+        """Remove a run folder this call created and that holds no checkpoint: only the files training
+        writes (a user's own file keeps the folder). True when the folder is gone."""
+        if any(self.checkpoints.glob("*.pt")):
+            return False
+        for path in [*self.samples.glob("*.png"), self.metrics, self.root / "config.json", self.root / "loss.png"]:
+            path.unlink(missing_ok=True)
+        for folder in (self.checkpoints, self.samples, self.root):
+            try:
+                folder.rmdir()
+            except OSError:
+                return False
+        return True
 
     def create(self, config: TrainConfig, *, continuing: bool = False) -> None:
         """A new run folder; `continuing`: for a resume from a checkpoint kept elsewhere."""
@@ -343,6 +358,7 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict[str, Any], *, step: int, keep: int, numbered: bool) -> None:
         ckpt.save(state, self.last)
+        self.saved = (step, self.last)
         if numbered and keep > 0:
             ckpt.save(state, self.checkpoints / f"step-{step:08d}.pt")
             for old in sorted(self.checkpoints.glob("step-*.pt"))[:-keep]:
@@ -438,7 +454,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
             # Exact resume needs run-to-run identical steps: cuDNN's default choice includes kernels that
             # accumulate with atomics (seen on an H200: a resumed run 2e-4 off a straight one after 9 steps).
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        return _train(config, world, device, state, run_dir, runs_dir, progress if world.main else None)
+        return _train(config, world, device, (resume, state), run_dir, runs_dir, progress if world.main else None)
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
         distributed.shutdown(created)
@@ -462,8 +478,10 @@ def _resumed_config(stored: TrainConfig, asked: TrainConfig, given: set[str] | N
     return stored.replace(**{k: getattr(asked, k) for k in (given & RESUMABLE) | PER_INVOCATION})
 
 
-def _train(config: TrainConfig, world: distributed.World, device: torch.device, state: dict | None,
-           run_dir: Path | None, runs_dir: Path, progress: Callable | None) -> dict[str, Any]:
+def _train(config: TrainConfig, world: distributed.World, device: torch.device,
+           resumed: tuple[Path | None, dict | None], run_dir: Path | None, runs_dir: Path,
+           progress: Callable | None) -> dict[str, Any]:
+    source, state = resumed
     digits = data_mod.load(config.data, seed=config.seed, count=config.data_count)
     steps_per_epoch = len(digits) // (config.batch_size * world.size)
     if steps_per_epoch == 0:
@@ -477,28 +495,61 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device, 
             raise UsageError(f"this run trains in {stored}; on {device.type} it would train in {trainer.dtype}, "
                              f"another step (exact resume): resume it with {where}")
         trainer.load_state_dict(state)
-    evaluator = _Evaluator(config, digits) if config.eval_every and world.main else None
-    run = RunFolder(distributed.on_main(world, lambda: _prepare_run(config, run_dir, runs_dir, trainer.step)))
-    if state is not None:
-        log.info("resumed %s at step %d (epoch %d)", run.root, trainer.step, trainer.epoch)
-    images = data_mod.to_tensor(digits.images)
     # the last step of the last epoch (counted from where a resume stands, as the world size may differ)
     final = trainer.step + (config.epochs - trainer.epoch) * steps_per_epoch - trainer.batch_in_epoch
     total = final if config.max_steps is None else min(final, config.max_steps)
-    info = dict(run_dir=str(run.root), device=str(device), dtype=trainer.dtype,
-                world_size=world.size, rank=world.rank,
+    start = trainer.step
+    info = dict(device=str(device), dtype=trainer.dtype, world_size=world.size, rank=world.rank,
                 batch_per_rank=config.batch_size, global_batch=config.batch_size * world.size,
                 images=len(digits), data=digits.source, steps_per_epoch=steps_per_epoch, total_steps=total,
-                start_step=trainer.step)
+                start_step=start, epochs=config.epochs, seed=config.seed, lr_g=config.lr_g, lr_d=config.lr_d)
+    if state is not None and start >= total:  # a finished run, or one past --max-steps: no folder is touched
+        return {**info, "run_dir": str(source.parent.parent if source.parent.name == "checkpoints" else source.parent),
+                "steps": start, "steps_run": 0, "epochs_done": trainer.epoch, "checkpoint": str(source),
+                "elapsed_s": round(trainer.elapsed, 2), "last_step": {}}
+    evaluator = _Evaluator(config, digits) if config.eval_every and world.main else None
+    root, created = distributed.on_main(world, lambda: _prepare_run(config, run_dir, runs_dir, start))
+    run = RunFolder(root)
+    run.saved = (start, source) if state is not None else None
+    info["run_dir"] = str(run.root)
+    if state is not None:
+        log.info("resumed %s at step %d (epoch %d)", run.root, trainer.step, trainer.epoch)
+    images = data_mod.to_tensor(digits.images)
     if progress:
         progress({"event": "start", **info})
-    with _stop_on_signals() as stop:
-        _loop(trainer, run, images, total, final, steps_per_epoch, stop, progress, evaluator)
+    try:
+        with _stop_on_signals() as stop:
+            _loop(trainer, run, images, total, final, steps_per_epoch, stop, progress, evaluator)
+    except KeyboardInterrupt:  # a second signal: no save
+        raise Interrupted(_unsaved(trainer, run, created and world.main), signal.SIGINT) from None
+    except GantkError as e:
+        if isinstance(e, DivergedError):
+            e.args = (f"{e}; " + (f"the last checkpoint is step {run.saved[0]}'s: {run.saved[1]}" if run.saved
+                                  else "nothing was saved"),)
+        if created and world.main and run.saved is None and run.discard():
+            e.args = (f"{e}; removed the new run folder {run.root}",)
+        raise
     distributed.barrier(world)
     if progress:
         progress({"event": "end", "step": trainer.step})
-    return {**info, "steps": trainer.step, "epochs_done": trainer.epoch, "checkpoint": str(run.last),
-            "elapsed_s": round(trainer.elapsed, 2), "last_step": trainer.last_figures}
+    return {**info, "steps": trainer.step, "steps_run": trainer.step - start, "epochs_done": trainer.epoch,
+            "checkpoint": str(run.last), "elapsed_s": round(trainer.elapsed, 2), "last_step": trainer.last_figures}
+
+
+def _unsaved(t: Trainer, run: RunFolder, created: bool) -> str:
+    """What a stop without a save leaves: the last checkpoint to resume from, or nothing."""
+    if run.saved is None:
+        gone = f"; removed the new run folder {run.root}" if created and run.discard() else ""
+        return f"stopped at once at step {t.step} (a second signal), before the first checkpoint: nothing saved{gone}"
+    step, path = run.saved
+    return (f"stopped at once at step {t.step} (a second signal), unsaved since step {step}; resume with: "
+            f"{resume_command(path, t.config)}")
+
+
+def resume_command(path: Path, config: TrainConfig) -> str:
+    """The command that continues a run from `path` as far as this call was asked to go."""
+    more = f" --max-steps {config.max_steps}" if config.max_steps is not None else ""
+    return f"gantk train --resume {path}{more}"
 
 
 def _stored_dtype(state: dict[str, Any]) -> str:
@@ -510,14 +561,14 @@ def _stored_dtype(state: dict[str, Any]) -> str:
     return "fp16 autocast" if state.get("scaler") else "bf16 autocast"
 
 
-def _prepare_run(config: TrainConfig, run_dir: Path | None, runs_dir: Path, step: int) -> Path:
-    """Rank 0: create a new run folder, or trim a resumed one's metrics to its checkpoint."""
+def _prepare_run(config: TrainConfig, run_dir: Path | None, runs_dir: Path, step: int) -> tuple[Path, bool]:
+    """Rank 0: create a new run folder, or trim a resumed one's metrics to its checkpoint; (folder, created)."""
     run = RunFolder(run_dir or new_run_dir(runs_dir, config))
     if step and (run.root / "config.json").exists():
         run.truncate_metrics(step)
-    else:
-        run.create(config, continuing=bool(step))
-    return run.root
+        return run.root, False
+    run.create(config, continuing=bool(step))
+    return run.root, True
 
 
 def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: int, steps_per_epoch: int,
@@ -560,8 +611,8 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
                     _checkpoint(t, run, numbered=t.step % cfg.checkpoint_every == 0 or t.step == total)
                 if stopping:
                     distributed.barrier(t.world)  # nobody exits (and so signals the others) before the save
-                    raise Interrupted(f"stopped at step {t.step}; resume with: gantk train --resume "
-                                      f"{run.last}", stop["signum"] or signal.SIGTERM)
+                    raise Interrupted(f"stopped at step {t.step}; resume with: {resume_command(run.last, cfg)}",
+                                      stop["signum"] or signal.SIGTERM)
 
 
 def _checkpoint(t: Trainer, run: RunFolder, *, numbered: bool) -> None:
