@@ -436,6 +436,7 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig
     (["--label-smoothing", "0.2"], "label-smoothing"),
     (["--betas", "1.5", "0.9"], "betas must be in [0, 1)"),
     (["--data-count", "-5"], "data-count must be at least 1"),
+    (["--run", "../elsewhere"], "--run is a folder name under --runs-dir"),
 ])
 def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):
     if "--device" in args and torch.cuda.is_available():
@@ -444,6 +445,12 @@ def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):
                 "--data" not in args else []), *args)
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+
+
+def test_offline_mnist_leaves_no_empty_cache_folder(tmp_path):
+    r = run_cli("train", "--runs-dir", str(tmp_path / "runs"))
+    assert r.exit_code == 2 and "use --data synthetic" in r.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -168,6 +168,7 @@ def train(**o: Any) -> None:
     """Train the digit GAN and write a run folder: checkpoints, samples, metrics.csv, loss.png."""
     from .checkpoint import newest_checkpoint, resolve
     from .config import TUTORIAL, TrainConfig
+    from .errors import UsageError
     from .train import train as run_training
 
     _setup_logging(o["verbose"], o["quiet"])
@@ -189,6 +190,8 @@ def train(**o: Any) -> None:
         _echo(f"resume: {resume} (newest run)")
     elif o["resume"]:
         resume = resolve(o["resume"])
+    if o["run_name"] is not None and (o["run_name"] in ("", ".", "..") or os.sep in o["run_name"]):
+        raise UsageError(f"--run is a folder name under --runs-dir, got {o['run_name']!r}")
     run_dir = o["runs_dir"] / o["run_name"] if o["run_name"] else None
     auto_amp = config.amp is None and resume is None
     bar = None

@@ -5,6 +5,7 @@ None). `to_tensor` scales them to float32 (N, 1, 32, 32) in [-1, 1] for the mode
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
@@ -62,9 +63,13 @@ def load_mnist(root: Path | None = None) -> Digits:
     from torchvision.datasets import MNIST
 
     root = root or default_cache() / "mnist"
+    made = [d for d in (root / "MNIST" / "raw", root / "MNIST", root, *root.parents) if not d.exists()]
     try:
         ds = MNIST(str(root), train=True, download=True)
     except Exception as e:  # torchvision raises RuntimeError/URLError offline
+        for d in made:  # the empty folders torchvision made, innermost first
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise DataError(
             f"MNIST is not cached in {root} and could not be downloaded ({type(e).__name__}); "
             "use --data synthetic, or --data PATH to an IDX file (e.g. t10k-images-idx3-ubyte.gz), "
