@@ -57,11 +57,11 @@ class Parity:
 
 
 def tolerance(dtype: str, atol: float | None) -> float:
-    """`atol` when given (it must be positive and finite), else the dtype's documented default."""
+    """`atol` when given (finite, >= 0; 0 asks for bit-exact outputs), else the dtype's documented default."""
     if atol is None:
         return TOLERANCE[dtype]
-    if not 0 < atol < float("inf"):
-        raise UsageError(f"--atol must be a positive number, got {atol}")
+    if not 0 <= atol < float("inf"):
+        raise UsageError(f"--atol must be a finite number >= 0, got {atol}")
     return float(atol)
 
 

@@ -20,7 +20,7 @@ from gantk import classifier as C
 from gantk import data
 from gantk import evaluate as E
 from gantk.cli import cli
-from gantk.errors import CheckpointError, DataError
+from gantk.errors import CheckpointError, DataError, UsageError
 
 HELDOUT = 400
 
@@ -168,6 +168,13 @@ def test_score_is_deterministic_and_takes_paths(clf_path, ref_path, ref, work, m
 def test_too_few_samples_is_a_data_error(clf, ref):
     with pytest.raises(DataError, match="too few"):
         E.score(ref.heldout[:E.MIN_SAMPLES - 1], classifier=clf, reference=ref)
+
+
+@pytest.mark.parametrize("heldout", [0, -5, 1400])
+def test_a_heldout_the_reference_cannot_give_is_a_usage_error_naming_the_range(clf, ref_path, work, heldout):
+    with pytest.raises(UsageError, match=f"--heldout {heldout}: the reference set has 1400 images, so it can hold "
+                                         f"out {E.MIN_SAMPLES} to {1400 - E.MIN_SAMPLES}"):
+        E.load_reference(str(ref_path), classifier=clf, heldout=heldout, cache_dir=work / "cache")
 
 
 def test_frechet_of_identical_gaussians_is_zero():

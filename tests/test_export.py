@@ -368,6 +368,14 @@ def test_bad_checkpoints_exit_2(ckpt, tmp_path):
         assert not out.exists()
 
 
+def test_quiet_export_prints_nothing_and_atol_0_asks_for_bit_exact(ckpt, tmp_path):
+    r = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "g.onnx"), "-q"])
+    assert r.exit_code == 0 and r.stderr == "" and (tmp_path / "g.onnx").is_file(), r.output
+    r = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "exact.onnx"), "--atol", "0"])
+    assert r.exit_code in (0, 4) and "atol 0" in r.stderr, r.output  # a verdict, not a refusal of the option
+    assert (tmp_path / "exact.onnx").exists() == (r.exit_code == 0)
+
+
 @pytest.mark.parametrize("args, code, needle", [
     (["--opset", "15"], 2, "opset 15 out of range"),
     (["--opset", "27"], 2, "opset 27 out of range"),
@@ -375,7 +383,7 @@ def test_bad_checkpoints_exit_2(ckpt, tmp_path):
     (["--format", "torchscript", "--dtype", "fp16"], 2, "fp16 is an ONNX option"),
     (["--format", "onnx", "--dtype", "bf16"], 2, "bf16 is a TorchScript option"),
     (["--format", "torchscript", "--opset", "18"], 2, "ONNX only"),
-    (["--atol", "-1"], 2, "--atol must be a positive number"),
+    (["--atol", "-1"], 2, "--atol must be a finite number >= 0"), (["--atol", "inf"], 2, "--atol must be a finite"),
 ])
 def test_bad_options_exit_2(ckpt, tmp_path, args, code, needle):
     out = tmp_path / "g.onnx"

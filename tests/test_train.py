@@ -437,6 +437,7 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig
     (["--betas", "1.5", "0.9"], "betas must be in [0, 1)"),
     (["--data-count", "-5"], "data-count must be at least 1"),
     (["--run", "../elsewhere"], "--run is a folder name under --runs-dir"),
+    (["-q", "-v"], "-q and -v contradict"),
 ])
 def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):
     if "--device" in args and torch.cuda.is_available():
@@ -451,6 +452,14 @@ def test_offline_mnist_leaves_no_empty_cache_folder(tmp_path):
     r = run_cli("train", "--runs-dir", str(tmp_path / "runs"))
     assert r.exit_code == 2 and "use --data synthetic" in r.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, where):
+    args = ["info", str(tmp_path / "nope.pt")]
+    with pytest.raises(ckpt.CheckpointError, match="not found"):
+        run_cli(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
+    assert run_cli(*args).exit_code == 2  # without it: the one line
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -42,7 +42,7 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         from .errors import GantkError
 
-        debug = click.get_current_context().find_root().params.get("debug", False)
+        debug = click.get_current_context().meta.get("gantk.debug", False)
         try:
             return fn(*args, **kwargs)
         except GantkError as e:
@@ -92,7 +92,19 @@ def _one_line(e: click.UsageError, ctx: click.Context) -> click.UsageError:
     return e if isinstance(e, click.exceptions.NoArgsIsHelpError) else _OneLineUsage(e.format_message(), e.ctx or ctx)
 
 
+def _debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta["gantk.debug"] = True  # meta is shared by the whole command line's contexts
+
+
 class _Command(click.Command):
+    """Every command takes --debug, before or after its name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True, callback=_debug,
+                                        help="Show tracebacks instead of one-line errors."))
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
@@ -113,8 +125,7 @@ class _Group(_Command, click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gantk")
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def cli(debug: bool) -> None:
+def cli() -> None:
     """Train a small MNIST GAN, export it, and generate digits fast and verified."""
 
 
@@ -130,7 +141,7 @@ def cli(debug: bool) -> None:
 @click.option("--arch", type=click.Choice(["seed", "dcgan"]), default=None, help="Architecture [default: dcgan].")
 @click.option("--epochs", type=int, default=None, help="Epochs [default: 30].")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps in all.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per step (per rank under torchrun).")
 @click.option("--lr", type=float, default=None, help="Learning rate of G and D [default: 2e-4].")
 @click.option("--lr-d", type=float, default=None, help="Learning rate of D, when it differs from --lr.")
 @click.option("--betas", type=(float, float), default=(0.5, 0.999), show_default=True)
@@ -139,7 +150,7 @@ def cli(debug: bool) -> None:
 @click.option("--spectral-norm/--no-spectral-norm", default=None, help="Spectral norm in D instead of BatchNorm [default: off].")
 @click.option("--label-smoothing", type=float, default=None, help="Target for real images [default: 0.9].")
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the sampling generator, 0 for none [default: 0.999].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds data order, noise and initial weights.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--amp/--no-amp", default=None, help="Mixed precision: bfloat16 autocast on the CPU (1.4-1.5x, "
               "FID as good: BENCHMARKS.md), float16 autocast with a gradient scaler on CUDA [default: on where "
@@ -171,6 +182,8 @@ def train(**o: Any) -> None:
     from .errors import UsageError
     from .train import train as run_training
 
+    if o["quiet"] and o["verbose"]:
+        raise UsageError("-q and -v contradict each other; give one")
     _setup_logging(o["verbose"], o["quiet"])
     recipe = dict(TUTORIAL) if o["recipe"] == "tutorial" else {}
     picks = dict(arch=o["arch"], epochs=o["epochs"], loss=o["loss"], spectral_norm=o["spectral_norm"],
@@ -295,9 +308,10 @@ def doctor(as_json: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("digits"), show_default=True)
 @click.option("--count", type=int, default=10000, show_default=True)
 @click.option("--start", type=int, default=0, show_default=True, help="First index.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed: image i depends on (model, seed, i).")
 @click.option("--shard", default="0/1", show_default=True, help="k/n: only indices i with i mod n == k.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Images per inference call; changes no byte of the output.")
 @click.option("--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True)
 @click.option("--grid", is_flag=True, help="Also write grid.png, a contact sheet of the first 64.")
 @click.option("--overwrite", is_flag=True, help="Replace another model's/seed's gantk output in --out.")
@@ -414,24 +428,27 @@ def _export_formats() -> list[str]:
               help="Max abs diff allowed against eager [default: fp32 1e-4, fp16 1e-2, bf16 4e-2].")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @handle_errors
 def export_cmd(**o: Any) -> None:
     """Export the generator to ONNX or TorchScript, validated against PyTorch at batch 1, 7 and 256."""
     from .checkpoint import newest_checkpoint, resolve
     from .exporters import EXPORTERS, check_options, default_out
 
+    _setup_logging(0, o["quiet"])
+    say = (lambda m: None) if o["quiet"] else _echo
     check_options(o["fmt"], opset=o["opset"], dtype=o["dtype"])
     if o["checkpoint"] is None:
         o["checkpoint"] = newest_checkpoint(o["runs_dir"])
-        _echo(f"checkpoint: {o['checkpoint']} (newest run)")
+        say(f"checkpoint: {o['checkpoint']} (newest run)")
     checkpoint = resolve(o["checkpoint"])
     out = o["out"] or default_out(checkpoint, o["fmt"], o["dtype"])
     if o["out"] is None:
-        _echo(f"out: {out}")
+        say(f"out: {out}")
     report = EXPORTERS[o["fmt"]](checkpoint, out, opset=o["opset"], dtype=o["dtype"], atol=o["atol"])
     if o["as_json"]:
         _emit_json(report.to_dict())
-    else:
+    elif not o["quiet"]:
         _echo_export(report)
 
 
@@ -491,7 +508,7 @@ def classifier_group() -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CLASSIFIER, show_default=True)
 @click.option("--epochs", type=int, default=6, show_default=True)
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Share held out to measure accuracy.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the order and the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
 def classifier_train(**o: Any) -> None:
@@ -527,8 +544,8 @@ def classifier_train(**o: Any) -> None:
 @click.option("--heldout", type=int, default=None,
               help="Real digits held out of --reference (its last ones) for the reference row [default: min(2000, N/5)].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed for models; subsets of KID.")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="cpu", show_default=True,
-              help="Where a model runs.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="auto", show_default=True,
+              help="Where a model runs, as for generate.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Reference statistics cache [default: $GANTK_CACHE/eval].")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -106,6 +106,9 @@ def load_reference(spec: Any, *, classifier: Classifier, heldout: int | None = N
 
 def _heldout_size(n: int, heldout: int | None) -> int:
     h = heldout if heldout is not None else min(2000, n // 5)
+    if heldout is not None and n >= 2 * MIN_SAMPLES and not MIN_SAMPLES <= heldout <= n - MIN_SAMPLES:
+        raise UsageError(f"--heldout {heldout}: the reference set has {n} images, so it can hold out "
+                         f"{MIN_SAMPLES} to {n - MIN_SAMPLES} (each side needs at least {MIN_SAMPLES})")
     if h < MIN_SAMPLES or n - h < MIN_SAMPLES:
         raise DataError(f"the reference set has {n} images: too few to hold out {h} and keep the rest "
                         f"(each side needs at least {MIN_SAMPLES})")
@@ -250,7 +253,7 @@ MODEL_SUFFIXES = {".pt", ".pth", ".ckpt", ".onnx", ".ts", ".torchscript"}
 
 
 def load_samples(source: str | Path, *, count: int | None = None, seed: int = 0,
-                 provider: str = "cpu") -> tuple[np.ndarray, str]:
+                 provider: str = "auto") -> tuple[np.ndarray, str]:
     """uint8 digits (N, 32, 32) from a PNG folder, an .npy/.npz, or a model; and what they came from."""
     from . import data
 
@@ -287,7 +290,7 @@ def _backend_kind(path: Path) -> str:
 def evaluate(sources: list[str | Path], *, classifier: str | Path, reference: str = "mnist",
              count: int | None = None, seed: int = 0, heldout: int | None = None,
              cache_dir: str | Path | None = None, report: str | Path | None = None,
-             provider: str = "cpu") -> dict[str, Any]:
+             provider: str = "auto") -> dict[str, Any]:
     """`gantk eval`: score each source and the held-out real row; the PNG report shows the first source.
 
     Several sources (say the fp32 and fp16 exports of one checkpoint) are scored with the same noise,

@@ -159,7 +159,8 @@ def check_request(req: Request) -> None:
               (req.writers is None or req.writers >= 1, f"--writers must be at least 1, got {req.writers}"),
               (req.parity_samples >= 1, f"--parity-samples must be at least 1, got {req.parity_samples}"),
               (req.fmt in FORMATS, f"unknown format {req.fmt!r} (choose from {', '.join(FORMATS)})"),
-              (req.atol is None or req.atol >= 0, "--atol must not be negative")]
+              (req.atol is None or 0 <= req.atol < float("inf"), f"--atol must be a finite number >= 0, got {req.atol}"),
+              (req.parity or req.reference is None, "--reference is the parity check's; drop it or --no-parity")]
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
