@@ -118,8 +118,7 @@ def open_backend(kind: str, path: str | Path, *, provider: str = "auto", batch_s
 
 
 _TAKES = {"onnxruntime": "onnx", "torchscript": "torchscript", "torch": "checkpoint"}
-_FILE = {"onnx": ("an ONNX model", "--backend onnxruntime"), "torchscript": ("a TorchScript export", "--backend torchscript"),
-         "checkpoint": ("a PyTorch checkpoint", "--backend torch, or export it first (gantk export --checkpoint PATH)")}
+_NAMES = {"onnx": "an ONNX model", "torchscript": "a TorchScript export", "checkpoint": "a PyTorch checkpoint"}
 
 
 def _check_kind(kind: str, path: Path) -> None:
@@ -131,7 +130,9 @@ def _check_kind(kind: str, path: Path) -> None:
         raise UsageError(f"{path} is not a PyTorch file, which --backend {kind} takes; an ONNX model takes "
                          f"--backend onnxruntime")
     if found != _TAKES[kind] and found != "onnx":
-        raise UsageError(f"{path} is {_FILE[found][0]}, not {_FILE[_TAKES[kind]][0]}; pass {_FILE[found][1]}")
+        takes = {"torchscript": "--backend torchscript",
+                 "checkpoint": f"--backend torch, or export it first (gantk export --checkpoint {path})"}[found]
+        raise UsageError(f"{path} is {_NAMES[found]}, not {_NAMES[_TAKES[kind]]}; pass {takes}")
 
 
 def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = "png") -> tuple[int, int]:

@@ -82,7 +82,8 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
     with open(path, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04":
-        raise CheckpointError(f"{path}: not a readable {what} ({'empty file' if not head else 'not a PyTorch zip archive'})")
+        why = "empty file" if not head else "not a PyTorch zip archive"
+        raise CheckpointError(f"{path}: not a readable {what} ({why})")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a readable {what} (a PyTorch file cut short or corrupt)")
     try:
