@@ -212,6 +212,10 @@ def test_cli_eval_npy_json_and_report(clf_path, ref_path, ref, work, tmp_path):
     assert r.exit_code == 2 and "not a gantk eval report" in r.stderr, r.output
     with Image.open(mine) as im:
         assert im.size == (4, 4)  # the user's file, as it was
+    r = _eval([tmp_path / "held.npy", "--report", tmp_path / "new" / "sub" / "r.png"], clf_path, ref_path, work)
+    assert r.exit_code == 0 and (tmp_path / "new" / "sub" / "r.png").is_file(), r.output  # folders made
+    r = _eval([tmp_path / "held.npy", "--report", mine / "r.png"], clf_path, ref_path, work)
+    assert r.exit_code == 2 and "is a file, not a folder" in r.stderr, r.output
 
 
 def test_cli_eval_converts_wrong_size_and_mode_pngs(clf_path, ref_path, ref, work, tmp_path):

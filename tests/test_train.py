@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -438,6 +439,7 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig
     (["--data-count", "-5"], "data-count must be at least 1"),
     (["--run", "../elsewhere"], "--run is a folder name under --runs-dir"),
     (["-q", "-v"], "-q and -v contradict"),
+    (["--lr", "nan"], "learning rates must be positive and finite"),
 ])
 def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):
     if "--device" in args and torch.cuda.is_available():
@@ -455,11 +457,12 @@ def test_offline_mnist_leaves_no_empty_cache_folder(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
-def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, where):
+def test_debug_adds_the_traceback_before_or_after_the_command_and_keeps_the_exit_code(tmp_path, where):
     args = ["info", str(tmp_path / "nope.pt")]
-    with pytest.raises(ckpt.CheckpointError, match="not found"):
-        run_cli(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
-    assert run_cli(*args).exit_code == 2  # without it: the one line
+    r = run_cli(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
+    assert r.exit_code == 2 and "Traceback" in r.stderr and "CheckpointError: not found" in r.stderr
+    r = run_cli(*args)
+    assert r.exit_code == 2 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -474,10 +477,14 @@ def test_usage_errors_of_any_command_are_one_line_exit_2(args, needle):
     assert "--help'" in r.stderr
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "foreign", "pickle"])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "foreign", "pickle", "torchscript"])
 def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, content):
     bad = tmp_path / "bad.pt"
-    if content == "truncated":
+    if content == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(bad))
+    elif content == "truncated":
         bad.write_bytes((trained_run / "checkpoints" / "last.pt").read_bytes()[:5000])
     elif content == "foreign":
         torch.save({"state_dict": {}}, bad)
@@ -487,7 +494,24 @@ def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, conte
         bad.write_bytes(content)
     r = run_cli("train", "--resume", str(bad), "--runs-dir", str(tmp_path))
     assert r.exit_code == 2, r.output
-    assert str(bad) in r.stderr
+    assert str(bad) in r.stderr and len(r.stderr.splitlines()) == 1
+    if content == "torchscript":
+        assert "is a TorchScript file, not a gantk checkpoint" in r.stderr
+    if content == "pickle":
+        assert "it holds pathlib" in r.stderr and "which weights_only=True loading refuses" in r.stderr
+
+
+def test_resuming_a_run_from_an_older_checkpoint_in_place_is_refused_and_branches_with_run(tmp_path):
+    run_cli("train", "--data", "synthetic", "--data-count", "128", "--arch", "seed", "--epochs", "3",
+            "--checkpoint-every", "2", "--runs-dir", str(tmp_path), "--run", "a", "-q")
+    run = tmp_path / "a"
+    before = {p.name: p.read_bytes() for p in [run / "metrics.csv", *(run / "checkpoints").iterdir()]}
+    old = run / "checkpoints" / "step-00000010.pt"
+    r = run_cli("train", "--resume", str(old), "--runs-dir", str(tmp_path))
+    assert r.exit_code == 2 and "is at step 10, behind" in r.stderr and "pass --run NAME" in r.stderr, r.output
+    assert {p.name: p.read_bytes() for p in [run / "metrics.csv", *(run / "checkpoints").iterdir()]} == before
+    r = run_cli("train", "--resume", str(old), "--runs-dir", str(tmp_path), "--run", "b", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["steps"] == 12, r.output
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path, trained_run):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -86,12 +88,19 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
         raise CheckpointError(f"{path}: not a readable {what} ({why})")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a readable {what} (a PyTorch file cut short or corrupt)")
+    with zipfile.ZipFile(path) as z:
+        if any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist()):
+            raise CheckpointError(f"{path} is a TorchScript file, not a {what}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns before it raises; the one line below says it
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle refused by weights_only, not a torch file...
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        reason = next((ln for ln in lines if "Unpickler error" in ln), lines[0])
-        raise CheckpointError(f"{path}: not a readable {what} ({reason[:160]})") from None
+        text = str(e)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        reason = (f"it holds {refused.group(1)}, which weights_only=True loading refuses" if refused
+                  else next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)[:160])
+        raise CheckpointError(f"{path}: not a readable {what} ({reason})") from None
 
 
 def load(path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:

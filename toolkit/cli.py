@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +48,7 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except GantkError as e:
             if debug:
-                raise
+                traceback.print_exc()  # and the same exit code as without --debug
             from .errors import Interrupted
 
             if not isinstance(e, Interrupted) or os.environ.get("RANK", "0") == "0":
@@ -58,16 +59,16 @@ def handle_errors(fn: Callable) -> Callable:
             sys.exit(130)
         except OSError as e:
             if debug:
-                raise
+                traceback.print_exc()
             click.echo(f"gantk: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
             sys.exit(1)
         except (click.exceptions.Exit, click.ClickException):
             raise
         except Exception as e:  # a bug: one line, the traceback with --debug
             if debug:
-                raise
-            click.echo(f"gantk: error: internal error ({type(e).__name__}: {e}); rerun with --debug "
-                       "for the traceback", err=True)
+                traceback.print_exc()
+            click.echo(f"gantk: error: internal error ({type(e).__name__}: {e})"
+                       f"{'' if debug else '; rerun with --debug for the traceback'}", err=True)
             sys.exit(1)
 
     return wrapper
@@ -214,12 +215,13 @@ def train(**o: Any) -> None:
         if ev["event"] == "start":
             if not o["quiet"]:
                 ranks = f" x {ev['world_size']} ranks = {ev['global_batch']} per step" if ev["world_size"] > 1 else ""
-                span = (f"steps {ev['start_step'] + 1}-{ev['total_steps']}" if ev["start_step"]
-                        else f"{ev['total_steps']} steps")
+                first, last = ev["start_step"] + 1, ev["total_steps"]
+                span = (f"step {last}" if first == last else f"steps {first}-{last}" if first > 1
+                        else _plural(last, "step"))
                 lr = f"lr {ev['lr_g']:g}" + (f"/{ev['lr_d']:g}" if ev["lr_d"] != ev["lr_g"] else "")
                 _echo(f"train: {ev['run_dir']} on {ev['device']} ({o['device']}), {ev['dtype']}"
                       f"{' (auto)' if auto_amp else ''}, {ev['images']} images from {ev['data']}, "
-                      f"{span} of {config.batch_size}{ranks} (--epochs {ev['epochs']}"
+                      f"{span}, batch {config.batch_size}{ranks} (--epochs {ev['epochs']}"
                       f"{f', --max-steps {config.max_steps}' if config.max_steps else ''}), {lr}, seed {ev['seed']}")
             bar = _progress_bar(ev["total_steps"], ev["start_step"], "train")
         elif ev["event"] == "step":
@@ -241,13 +243,13 @@ def train(**o: Any) -> None:
         _emit_json(summary)
     elif summary["steps_run"] == 0:
         limit = f" (--max-steps {config.max_steps})" if config.max_steps is not None else ""
-        _echo(f"nothing to train: {summary['checkpoint']} is at step {summary['steps']}, epoch "
-              f"{summary['epochs_done']} of {summary['epochs']}{limit}; pass --epochs or --max-steps above that "
-              f"to train further")
+        _echo(f"nothing to train: {summary['checkpoint']} is at step {summary['steps']} with "
+              f"{_plural(summary['epochs_done'], 'epoch')} done (--epochs {summary['epochs']}{limit}); pass --epochs "
+              f"or --max-steps above that to train further")
     elif not o["quiet"]:
         last = summary["last_step"]
         _echo(f"done: step {summary['steps']} ({summary['steps_run']} this run), "
-              f"{_plural(summary['epochs_done'], 'epoch')} in {summary['elapsed_s']:.1f}s; "
+              f"{_plural(summary['epochs_done'], 'epoch')}, {summary['elapsed_s']:.1f}s of training in all; "
               f"loss_d {last['loss_d']:.3f} loss_g {last['loss_g']:.3f}; checkpoint {summary['checkpoint']}")
 
 

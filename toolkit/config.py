@@ -1,6 +1,7 @@
 """Training configuration: a frozen dataclass saved as a plain dict in every checkpoint."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -62,8 +63,8 @@ class TrainConfig:
             raise UsageError(f"ema-decay must be in [0, 1), got {self.ema_decay}")
         if not (0.5 < self.label_smoothing <= 1.0):
             raise UsageError(f"label-smoothing must be in (0.5, 1], got {self.label_smoothing}")
-        if self.lr_g <= 0 or self.lr_d <= 0:
-            raise UsageError("learning rates must be positive")
+        if not (0 < self.lr_g < math.inf and 0 < self.lr_d < math.inf):  # NaN fails both
+            raise UsageError(f"learning rates must be positive and finite, got {self.lr_g:g} (G) {self.lr_d:g} (D)")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UsageError(f"betas must be in [0, 1), got {self.beta1} {self.beta2}")
 

@@ -34,12 +34,13 @@ def default_cache() -> Path:
     return Path(os.environ.get("GANTK_CACHE", Path.home() / ".cache" / "gantk"))
 
 
-def load(spec: str, *, seed: int = 0, count: int | None = None) -> Digits:
-    """Load `spec`: 'mnist', 'synthetic', or a path. `count` caps the images (synthetic: how many)."""
+def load(spec: str, *, seed: int = 0, count: int | None = None, flag: str = "--data") -> Digits:
+    """Load `spec`: 'mnist', 'synthetic', or a path. `count` caps the images (synthetic: how many); `flag`
+    is the option that named `spec`, for messages."""
     if count is not None and count < 1:
         raise DataError(f"count must be at least 1, got {count}")
     if spec == "mnist":
-        digits = load_mnist()
+        digits = load_mnist(flag=flag)
     elif spec == "synthetic":
         digits = synthetic(count or 10_000, seed=seed)
     else:
@@ -59,7 +60,7 @@ def to_tensor(images: np.ndarray):
 # ---------------------------------------------------------------- torchvision MNIST
 
 
-def load_mnist(root: Path | None = None) -> Digits:
+def load_mnist(root: Path | None = None, *, flag: str = "--data") -> Digits:
     from torchvision.datasets import MNIST
 
     root = root or default_cache() / "mnist"
@@ -72,7 +73,7 @@ def load_mnist(root: Path | None = None) -> Digits:
                 d.rmdir()
         raise DataError(
             f"MNIST is not cached in {root} and could not be downloaded ({type(e).__name__}); "
-            "use --data synthetic, or --data PATH to an IDX file (e.g. t10k-images-idx3-ubyte.gz), "
+            f"use {flag} synthetic, or {flag} PATH to an IDX file (e.g. t10k-images-idx3-ubyte.gz), "
             "an image folder or a .npy/.npz"
         ) from None
     return Digits(_resize(ds.data.numpy()), ds.targets.numpy().astype(np.int64), "mnist")

@@ -4,6 +4,7 @@ Drawn with matplotlib's Agg backend (no display needed).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,13 @@ def check_out(path: str | Path) -> None:
     if path.is_dir():
         raise UsageError(f"--report {path} is a folder; give a file path such as {path / 'report.png'}")
     if not path.exists():
+        probe = path.parent
+        while not probe.exists():  # the folders are made when the report is written
+            probe = probe.parent
+        if not probe.is_dir():
+            raise UsageError(f"--report {path}: {probe} is a file, not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UsageError(f"--report {path}: {probe} is not writable")
         return
     try:
         with Image.open(path) as im:
@@ -62,6 +70,7 @@ def write(path: str | Path, *, samples, real, reference, title: str = "") -> Non
     with warnings.catch_warnings():  # "tight layout not applied" on some tables: the page is fine
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(path), lambda f: fig.savefig(f, format="png", metadata={"Description": MARK}))
     plt.close(fig)
 

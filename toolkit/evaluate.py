@@ -93,7 +93,7 @@ def load_reference(spec: Any, *, classifier: Classifier, heldout: int | None = N
     from . import data
     from .classifier import data_sha256
 
-    digits = spec if isinstance(spec, data.Digits) else data.load(str(spec))
+    digits = spec if isinstance(spec, data.Digits) else data.load(str(spec), flag="--reference")
     h = _heldout_size(len(digits), heldout)
     train, held = digits.images[:-h], digits.images[-h:]
     key = hashlib.sha256(f"{data_sha256(digits.images)}:{classifier.sha256}:{h}:{CACHE_VERSION}"

@@ -436,6 +436,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
         run_dir = run_dir or (resume.parent.parent if resume.parent.name == "checkpoints" else None)
         if run_dir is None:
             raise UsageError(f"{resume} is not inside a run folder; pass --run to say where to continue")
+        _refuse_rewind(resume, state["step"], RunFolder(run_dir))
     device = resolve_device(config.device)
     if config.amp and device.type == "cpu" and not native_bf16():
         log.warning("bf16 autocast on a CPU without bf16 instructions runs emulated: about 17x slower than "
@@ -458,6 +459,17 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
         distributed.shutdown(created)
+
+
+def _refuse_rewind(resume: Path, step: int, run: RunFolder) -> None:
+    """Continuing a run folder from an older checkpoint than its last.pt would replace last.pt and drop
+    the metrics after `step`: refused, the user can branch into a new folder instead."""
+    if not run.last.is_file() or run.last.resolve() == resume.resolve():
+        return
+    newer = ckpt.load(run.last)["step"]
+    if newer > step:
+        raise UsageError(f"{resume} is at step {step}, behind {run.last} (step {newer}); continuing in {run.root} "
+                         f"would replace it: pass --run NAME to branch into a new run folder")
 
 
 def default_amp(device: torch.device) -> bool:
@@ -513,7 +525,8 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device,
     run.saved = (start, source) if state is not None else None
     info["run_dir"] = str(run.root)
     if state is not None:
-        log.info("resumed %s at step %d (epoch %d)", run.root, trainer.step, trainer.epoch)
+        log.info("resumed %s at step %d (%d epoch%s done)", run.root, trainer.step, trainer.epoch,
+                 "" if trainer.epoch == 1 else "s")
     images = data_mod.to_tensor(digits.images)
     if progress:
         progress({"event": "start", **info})
