@@ -557,6 +557,20 @@ def test_no_reference_requires_no_parity(exported, tmp_path):
     assert "sha256" in r.stderr
 
 
+def test_parity_finds_the_numbered_copy_of_a_source_that_trained_on(tmp_path):
+    from gantk.config import TrainConfig
+    from gantk.exporters import EXPORTERS
+    from gantk.train import train
+
+    cfg = TrainConfig(data="synthetic", data_count=64, epochs=1, arch="seed")
+    run = Path(train(cfg, runs_dir=tmp_path)["run_dir"])
+    last = run / "checkpoints" / "last.pt"
+    EXPORTERS["onnx"](last, run / "export" / "generator.onnx")
+    train(cfg.replace(epochs=2), runs_dir=tmp_path, resume=last)  # last.pt moves on; step-00000002.pt stays
+    doc = json.loads(gen(run / "export" / "generator.onnx", tmp_path / "o", "--count", "5", "--json").stdout)
+    assert doc["parity"]["status"] == "passed" and "step-00000002.pt" in doc["parity"]["reference"]
+
+
 def test_parity_indices_spread_over_the_range():
     idx = parity_indices(Request(out=Path("x"), start=100, count=1000, parity_samples=5))
     assert idx[0] == 100 and idx[-1] == 1099 and len(idx) == 5

@@ -536,11 +536,27 @@ def find_reference(meta: dict[str, Any], model: Path, reference: Path | None) ->
     if not src:
         return None, f"{model} names no source checkpoint in its metadata"
     path = Path(src) if Path(src).is_absolute() else model.parent / src
+    if not want or (path.is_file() and sha256(path) == want):
+        if not path.is_file():
+            return None, f"the source checkpoint named in {model.name}'s metadata is not there: {src}"
+        return path, f"source checkpoint {path}" + (" (sha256 matches the metadata)" if want else "")
+    same = _same_checkpoint(path, meta.get("step", ""), want)
+    if same is not None:  # training went on and last.pt moved: a numbered copy of the source remains
+        return same, f"{same} (the source's sha256; {src} has changed since the export)"
     if not path.is_file():
         return None, f"the source checkpoint named in {model.name}'s metadata is not there: {src}"
-    if want and sha256(path) != want:
-        return None, f"the source checkpoint {src} changed since the export (sha256 differs)"
-    return path, f"source checkpoint {path} (sha256 matches the metadata)"
+    return None, f"the source checkpoint {src} changed since the export (sha256 differs), and no checkpoint beside it matches"
+
+
+def _same_checkpoint(path: Path, step: str, want: str) -> Path | None:
+    """A checkpoint in `path`'s folder with sha256 `want`: the numbered one of `step` first."""
+    from .checkpoint import sha256
+
+    if not path.parent.is_dir():
+        return None
+    numbered = path.parent / f"step-{int(step):08d}.pt" if step.isdigit() else None
+    others = sorted(p for p in path.parent.glob("*.pt") if p not in (path, numbered))
+    return next((p for p in [numbered, *others] if p is not None and p.is_file() and sha256(p) == want), None)
 
 
 def eager_reference(path: Path) -> Callable[[np.ndarray], np.ndarray]:
