@@ -131,12 +131,19 @@ def check_dtype(dtype: str) -> None:
         raise UsageError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
 
 
-def destination(out: str | Path) -> Path:
-    """`out` as an absolute path whose folder exists and is writable; UsageError if it is a folder or a
-    file that is not a gantk export (the user's, or the checkpoint itself): only exports are replaced."""
+EXPORT_SUFFIXES = {".onnx": "ONNX", ".pt": "TorchScript"}
+
+
+def destination(out: str | Path, *, suffix: str) -> Path:
+    """`out` as an absolute path in a writable place (its folders are made by `staged`); UsageError if it is
+    a folder, a file that is not a gantk export (the user's, or the checkpoint itself: only exports are
+    replaced), or named with the other format's suffix."""
     from . import read_metadata
 
     out = Path(out).expanduser().absolute()
+    if out.suffix in EXPORT_SUFFIXES and out.suffix != suffix:
+        raise UsageError(f"--out {out}: {out.suffix} names a {EXPORT_SUFFIXES[out.suffix]} file; this export "
+                         f"is {EXPORT_SUFFIXES[suffix]} (name it *{suffix})")
     if out.is_dir():
         raise UsageError(f"--out is an existing directory: {out} (give a file path)")
     if out.exists():
@@ -145,22 +152,26 @@ def destination(out: str | Path) -> Path:
         except CheckpointError:
             raise UsageError(f"--out {out} exists and is not a gantk export; not overwriting it "
                              "(choose another --out)") from None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GantkError(f"cannot create folder {out.parent}: {e.strerror or e}") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise GantkError(f"folder not writable: {out.parent}")
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise GantkError(f"folder not writable: {probe}")
     return out
 
 
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A temp path beside `out`; removed on the way out unless `commit` moved it into place.
+    """A temp path beside `out` (its folders made); removed on the way out unless `commit` moved it into
+    place, and so are the folders made here when nothing landed.
 
     A VerificationError raised inside gains a note that `out` was not touched.
     """
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # innermost first
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     except OSError as e:
         raise GantkError(f"cannot write in {out.parent}: {e.strerror or e}") from None
@@ -173,6 +184,10 @@ def staged(out: Path) -> Iterator[Path]:
         raise VerificationError(f"{e}; {state}: {out}") from None
     finally:
         tmp.unlink(missing_ok=True)
+        if not out.exists():
+            for d in made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
 def commit(tmp: Path, out: Path) -> None:

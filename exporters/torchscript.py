@@ -39,7 +39,7 @@ def export(source: Source | str | Path, out: str | Path, *, opset: int | None = 
     check_options(opset=opset, dtype=dtype)
     atol = validate.tolerance(dtype, atol)
     src = as_source(source)
-    out = destination(out)
+    out = destination(out, suffix=SUFFIX)
     t0 = time.perf_counter()
     with staged(out) as tmp:
         _save(_build(src, dtype), tmp, metadata(src, dtype=dtype, versions=versions("torch")))

@@ -405,20 +405,24 @@ def test_out_replaces_only_a_gantk_export(ckpt, tmp_path):
     mine.write_text("my notes")
     shutil.copy(ckpt, own)
     before = own.read_bytes()
-    for out, src in ((mine, ckpt), (own, own)):
-        r = _export(["--checkpoint", str(src), "--out", str(out)])
+    for out, src, fmt in ((mine, ckpt, "onnx"), (own, own, "torchscript")):
+        r = _export(["--checkpoint", str(src), "--out", str(out), "--format", fmt])
         assert r.exit_code == 2 and "not a gantk export" in r.stderr and r.stderr.count("\n") == 1, r.output
+    r = _export(["--checkpoint", str(own), "--out", str(own)])  # an ONNX export under a .pt name
+    assert r.exit_code == 2 and ".pt names a TorchScript file; this export is ONNX" in r.stderr, r.output
     assert mine.read_text() == "my notes" and own.read_bytes() == before
     out = tmp_path / "g.onnx"
     for _ in range(2):  # an export is replaced by the next one
         assert _export(["--checkpoint", str(ckpt), "--out", str(out)]).exit_code == 0
 
 
-def test_unwritable_folder_exit_1(ckpt, tmp_path):
+def test_a_file_in_the_out_path_is_exit_2_and_a_failed_export_leaves_no_folder(ckpt, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
     r = _export(["--checkpoint", str(ckpt), "--out", str(blocker / "sub" / "g.onnx")])
-    assert r.exit_code == 1 and str(blocker) in r.stderr, r.output
+    assert r.exit_code == 2 and f"{blocker} is a file, not a folder" in r.stderr, r.output
+    r = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "new" / "sub" / "g.onnx"), "--atol", "1e-12"])
+    assert r.exit_code == 4 and not (tmp_path / "new").exists(), r.output
 
 
 @pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root writes anywhere")

@@ -586,6 +586,7 @@ def test_parity_indices_spread_over_the_range():
     (["--shard", "x"], "shard"), (["--seed", "-1"], "--seed"), (["--streams", "0"], "--streams"),
     (["--threads", "-2"], "--threads"), (["--streams", "2", "--backend", "torchscript"], "--streams"),
     (["--atol", "-1"], "--atol"), (["--atol", "nan"], "--atol"), (["--no-parity", "--reference", "x.pt"], "--reference"),
+    (["--backend", "torch", "--reference", "x.pt"], "drop --reference"),
     (["--count", str(10**14)], "PNGs need about"), (["--count", str(10**14), "--format", "npy"], "in memory"),
 ])
 def test_bad_numbers_exit_2_and_write_nothing(exported, tmp_path, args, needle):

@@ -856,6 +856,9 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
     from . import distributed
 
     world = distributed.from_env()
+    if backend == "torch" and req.reference is not None:
+        raise UsageError("--reference is what an export is checked against; --backend torch runs the checkpoint "
+                         "itself, so drop --reference")
     if world.active:
         if req.shard != (0, 1):
             raise UsageError("under torchrun every rank takes its own shard (rank/world size); drop --shard")
