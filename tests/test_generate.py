@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -466,6 +467,24 @@ def test_killed_run_resumes_byte_identical(exported, tmp_path):
     assert pngs(out) == pngs(ref)
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no temp files left
+
+
+def test_ctrl_c_says_how_many_images_are_kept_and_the_same_command_continues(exported, tmp_path):
+    out = tmp_path / "cut"
+    args = ["--count", "3000", "--batch-size", "16", "--writers", "1"]
+    cmd = [sys.executable, "-m", "gantk", "generate", "--model", str(exported["onnx"]), "--out", str(out), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*.png"))) < 300 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    kept = int(re.search(r"interrupted: (\d+) of 3000 images are in", err).group(1))
+    assert 0 < kept < 3000 and len(err.strip().splitlines()) == 1, err
+    assert len(json.loads((out / "manifest.json").read_text())["files"]) == kept  # recorded, not just on disk
+    doc = json.loads(gen(exported["onnx"], out, *args, "--json").stdout)
+    assert (doc["unchanged"], doc["written"]) == (kept, 3000 - kept)
 
 
 def test_other_model_or_seed_needs_overwrite_and_foreign_files_survive(exported, tmp_path):

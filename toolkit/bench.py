@@ -314,7 +314,7 @@ def bench(*, model: Path | None = None, checkpoint: Path | None = None, runs_dir
     progress = progress or (lambda msg: None)
     _check(batch_sizes=batch_sizes, repeats=repeats, count=count, threads=threads)
     if gpu_batch_sizes is not None and (not gpu_batch_sizes or min(gpu_batch_sizes) < 1):
-        raise UsageError(f"--gpu-batch-sizes must be positive, got {gpu_batch_sizes}")
+        raise UsageError(f"--gpu-batch-sizes must be positive, got {_listed(gpu_batch_sizes)}")
     if gpu_count is not None and gpu_count < 1:
         raise UsageError(f"--gpu-count must be at least 1, got {gpu_count}")
     gpu = {"batch_sizes": tuple(gpu_batch_sizes or BATCHES), "count": gpu_count or E2E_COUNT} \
@@ -333,11 +333,15 @@ def _thread_counts(default: int) -> tuple[int, ...]:
     return (default, *sorted({1, cores()} - {default}))
 
 
+def _listed(values) -> str:
+    return ",".join(map(str, values)) or "nothing"
+
+
 def _check(*, batch_sizes, repeats, count, threads) -> None:
-    checks = [(batch_sizes and min(batch_sizes) >= 1, f"--batch-sizes must be positive, got {batch_sizes}"),
+    checks = [(batch_sizes and min(batch_sizes) >= 1, f"--batch-sizes must be positive, got {_listed(batch_sizes)}"),
               (repeats >= 1, f"--repeats must be at least 1, got {repeats}"),
               (count >= 1, f"--count must be at least 1, got {count}"),
-              (not threads or min(threads) >= 1, f"--threads must be positive, got {threads}")]
+              (not threads or min(threads) >= 1, f"--threads must be positive, got {_listed(threads)}")]
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)

@@ -51,8 +51,10 @@ def handle_errors(fn: Callable) -> Callable:
                 traceback.print_exc()  # and the same exit code as without --debug
             from .errors import Interrupted
 
-            if not isinstance(e, Interrupted) or os.environ.get("RANK", "0") == "0":
+            if not isinstance(e, Interrupted):
                 click.echo(f"gantk: error: {e}", err=True)
+            elif os.environ.get("RANK", "0") == "0":
+                click.echo(f"gantk: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("gantk: interrupted", err=True)

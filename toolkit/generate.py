@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import GantkError, UsageError, VerificationError
+from .errors import GantkError, Interrupted, UsageError, VerificationError
 
 log = logging.getLogger("gantk")
 
@@ -330,7 +330,8 @@ class Folder:
         rows = [json.dumps({"index": i, **self.files[i]}, sort_keys=True) for i in sorted(self.files)]
         head = json.dumps({"kind": MANIFEST_KIND, "format": 1, "identity": self.identity,
                            "arrays": [self.arrays[k] for k in sorted(self.arrays)]}, sort_keys=True)
-        return (head[:-1] + ', "files": [\n' + ",\n".join(rows) + "\n]}\n").encode()
+        files = "[\n" + ",\n".join(rows) + "\n]" if rows else "[]"
+        return (head[:-1] + f', "files": {files}}}\n').encode()
 
     def flush(self, *, force: bool = True) -> bool:
         """Write manifest.json if its bytes changed; False when nothing needed writing.
@@ -924,11 +925,16 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
     distributed.barrier(world)
     progress({"event": "start", "total": len(req.indices()), "done": kept})
     t0, cpu0, timing = time.perf_counter(), time.process_time(), Timing()
-    if req.fmt == "png":
-        stats = write_pngs(be, req, folder, todo, pool, progress, timing) if todo else {"written": 0, "unchanged": 0}
-        stats["generated"] = len(todo)
-    else:
-        stats = write_npy(be, req, folder, pool, progress, timing)
+    try:
+        if req.fmt == "png":
+            stats = write_pngs(be, req, folder, todo, pool, progress, timing) if todo else {"written": 0, "unchanged": 0}
+            stats["generated"] = len(todo)
+        else:
+            stats = write_npy(be, req, folder, pool, progress, timing)
+    except KeyboardInterrupt:  # the writers' finished files are in the manifest (write_pngs saw to it)
+        done = sum(i in folder.files for i in req.indices()) if req.fmt == "png" else 0
+        raise Interrupted(f"interrupted: {done} of {len(req.indices())} images are in {out}; the same command "
+                          f"writes the rest", signal.SIGINT) from None
     seconds = time.perf_counter() - t0
     # CPU seconds of the timed phase, this process's threads and the worker processes' together
     timing["cpu"] = time.process_time() - cpu0 + (timing["workers_cpu"] if isinstance(pool, ProcessPoolExecutor) else 0)
