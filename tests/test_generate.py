@@ -487,6 +487,18 @@ def test_ctrl_c_says_how_many_images_are_kept_and_the_same_command_continues(exp
     assert (doc["unchanged"], doc["written"]) == (kept, 3000 - kept)
 
 
+def test_an_npy_folder_of_several_runs_loads_one_image_per_index(exported, tmp_path):
+    from gantk import data
+
+    out = tmp_path / "n"
+    for args in (["--count", "30"], ["--count", "40"], ["--start", "40", "--count", "10", "--shard", "1/2"]):
+        gen(exported["onnx"], out, "--format", "npy", *args)
+    whole = np.load(out / "images-000000-000040.npy")
+    d = data.load(str(out))
+    assert len(d) == 45 and np.array_equal(d.images[:40], whole)
+    assert np.array_equal(d.images[40:], np.load(out / "images-000041-000050-shard1of2.npy"))
+
+
 def test_other_model_or_seed_needs_overwrite_and_foreign_files_survive(exported, tmp_path):
     out = tmp_path / "d"
     gen(exported["onnx"], out, "--count", "10")

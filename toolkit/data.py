@@ -176,8 +176,10 @@ def _as_uint8(a: np.ndarray, path: Path) -> np.ndarray:
 def _load_folder(path: Path) -> Digits:
     from PIL import Image, UnidentifiedImageError
 
-    files = _generated_files(path) or sorted(p for p in path.rglob("*")
-                                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files, arrays = _generated(path)
+    if arrays and not files:
+        return _generated_arrays(path, arrays)
+    files = files or sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     images, labels = [], []
@@ -195,17 +197,33 @@ def _load_folder(path: Path) -> Digits:
     return Digits(np.stack(images), None if (lab < 0).any() else lab, str(path))
 
 
-def _generated_files(path: Path) -> list[Path]:
-    """The digits a `gantk generate` folder's manifest lists (so its grid.png is not taken for one)."""
+def _generated(path: Path) -> tuple[list[Path], list[dict]]:
+    """The PNGs and arrays a `gantk generate` folder's manifest lists (so its grid.png is not taken for a digit)."""
     import json
 
     try:
         doc = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
-        return []
+        return [], []
     if not isinstance(doc, dict) or doc.get("kind") != "gantk-generate-manifest":
-        return []
-    return [path / row["file"] for row in sorted(doc.get("files", []), key=lambda r: r["index"])]
+        return [], []
+    files = [path / row["file"] for row in sorted(doc.get("files", []), key=lambda r: r["index"])]
+    return files, doc.get("arrays", [])
+
+
+def _generated_arrays(path: Path, arrays: list[dict]) -> Digits:
+    """A `generate --format npy` folder's images, one per index in index order: shards and overlapping
+    ranges (runs of several --count) merged."""
+    by_index: dict[int, np.ndarray] = {}
+    for a in arrays:
+        file = path / a["file"]
+        try:
+            images = _as_uint8(np.load(file, allow_pickle=False), file)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{file}: not a readable .npy ({e})") from None
+        for i, im in zip(range(a["first"], a["stop"], a["step"]), images):
+            by_index.setdefault(i, im)
+    return Digits(_resize(np.stack([by_index[i] for i in sorted(by_index)])), None, str(path))
 
 
 def _resize(images: np.ndarray) -> np.ndarray:
