@@ -499,6 +499,17 @@ def test_an_npy_folder_of_several_runs_loads_one_image_per_index(exported, tmp_p
     assert np.array_equal(d.images[40:], np.load(out / "images-000041-000050-shard1of2.npy"))
 
 
+def test_a_damaged_manifest_is_named_as_such(exported, tmp_path):
+    out = tmp_path / "d"
+    gen(exported["onnx"], out, "--count", "3")
+    manifest = out / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-20])
+    r = gen(exported["onnx"], out, "--count", "3", code=2)
+    assert "is a damaged gantk manifest" in r.stderr
+    manifest.write_text('{"mine": 1}')
+    assert "is not a gantk generate manifest" in gen(exported["onnx"], out, "--count", "3", code=2).stderr
+
+
 def test_other_model_or_seed_needs_overwrite_and_foreign_files_survive(exported, tmp_path):
     out = tmp_path / "d"
     gen(exported["onnx"], out, "--count", "10")

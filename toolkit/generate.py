@@ -402,12 +402,16 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     path = out / MANIFEST
     if not path.exists():
         return None
+    text = path.read_bytes().decode(errors="replace")
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        doc = json.loads(text)
+    except ValueError:
         doc = None
     if not isinstance(doc, dict) or doc.get("kind") != MANIFEST_KIND:
-        raise UsageError(f"{path} exists and is not a gantk generate manifest; choose another --out")
+        damaged = doc is None and MANIFEST_KIND in text
+        raise UsageError(f"{path} " + ("is a damaged gantk manifest (not valid JSON): gantk cannot tell its files "
+                                       "from yours there; move them away or choose another --out" if damaged else
+                                       "exists and is not a gantk generate manifest; choose another --out"))
     return doc
 
 
