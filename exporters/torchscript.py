@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
 
+from gantk.backends import native_bf16
 from gantk.errors import UsageError
 
 from .base import (ExportReport, Source, as_source, check_dtype, commit, destination, metadata, report, staged,
@@ -27,6 +29,7 @@ from .base import (ExportReport, Source, as_source, check_dtype, commit, destina
 from .fold import channels_last, for_inference
 
 FORMAT = "torchscript"
+log = logging.getLogger("gantk")
 SUFFIX = ".pt"
 EXTRA_FILE = "gantk.json"
 
@@ -40,6 +43,9 @@ def export(source: Source | str | Path, out: str | Path, *, opset: int | None = 
     atol = validate.tolerance(dtype, atol)
     src = as_source(source)
     out = destination(out, suffix=SUFFIX)
+    if dtype == "bf16" and not native_bf16():
+        log.warning("this CPU has neither AVX512-BF16 nor AMX: the bf16 export is validated in emulated bf16, "
+                    "slowly; it runs fast only on CPUs that have them")
     t0 = time.perf_counter()
     with staged(out) as tmp:
         _save(_build(src, dtype), tmp, metadata(src, dtype=dtype, versions=versions("torch")))
