@@ -334,7 +334,7 @@ def _thread_counts(default: int) -> tuple[int, ...]:
 
 
 def _listed(values) -> str:
-    return ",".join(map(str, values)) or "nothing"
+    return ",".join(map(str, values or ())) or "nothing"
 
 
 def _check(*, batch_sizes, repeats, count, threads) -> None:
