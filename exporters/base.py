@@ -170,20 +170,22 @@ def staged(out: Path) -> Iterator[Path]:
     A VerificationError raised inside gains a note that `out` was not touched.
     """
     made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # innermost first
+    tmp = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as e:
-        raise GantkError(f"cannot write in {out.parent}: {e.strerror or e}") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        except OSError as e:
+            raise GantkError(f"cannot write in {out.parent}: {e.strerror or e}") from None
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
     except VerificationError as e:
         state = "left unchanged" if out.exists() else "nothing written"
         raise VerificationError(f"{e}; {state}: {out}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         if not out.exists():
             for d in made:
                 with contextlib.suppress(OSError):

@@ -21,7 +21,6 @@ import time
 import warnings
 from pathlib import Path
 
-from gantk.backends import native_bf16
 from gantk.errors import UsageError
 
 from .base import (ExportReport, Source, as_source, check_dtype, commit, destination, metadata, report, staged,
@@ -43,6 +42,8 @@ def export(source: Source | str | Path, out: str | Path, *, opset: int | None = 
     atol = validate.tolerance(dtype, atol)
     src = as_source(source)
     out = destination(out, suffix=SUFFIX)
+    from gantk.backends import native_bf16
+
     if dtype == "bf16" and not native_bf16():
         log.warning("this CPU has neither AVX512-BF16 nor AMX: the bf16 export is validated in emulated bf16, "
                     "slowly; it runs fast only on CPUs that have them")

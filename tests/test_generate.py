@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gantk.cli import cli
-from gantk.errors import GantkError
+from gantk.errors import GantkError, UsageError
 from gantk.generate import Request, noise, parity_indices, to_pixels
 
 
@@ -635,6 +635,27 @@ def test_bad_numbers_exit_2_and_write_nothing(exported, tmp_path, args, needle):
     r = gen(exported["onnx"], tmp_path / "out", *args, code=2)
     assert needle in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("frsize, free, favail, fits", [
+    (1 << 20, 20e9, 10**6, True),    # NFS/CephFS report their transfer size as the block size
+    (4096, 20e9, 0, True),           # no inode figure
+    (4096, 1e6, 10**6, False),       # 10,000 4-KiB files do not fit in 1 MB
+    (4096, 20e9, 500, False),        # nor in 500 inodes
+])
+def test_the_room_check_refuses_only_what_cannot_fit(tmp_path, monkeypatch, frsize, free, favail, fits):
+    from gantk.generate import check_room
+
+    stat = os.statvfs_result((frsize, frsize, 10**9, int(free // frsize), int(free // frsize), 10**7, favail,
+                              favail, 0, 255))
+    monkeypatch.setattr(os, "statvfs", lambda path: stat)
+    req = Request(out=tmp_path / "o", count=10000)
+    if fits:
+        check_room(req, tmp_path / "o", 0)
+    else:
+        with pytest.raises(UsageError, match="PNGs need"):
+            check_room(req, tmp_path / "o", 0)
+    check_room(req, tmp_path / "o", 10000)  # all there already: a re-run needs no room
 
 
 def test_non_gantk_models_exit_2(exported, tmp_path):

@@ -336,14 +336,15 @@ def test_non_finite_loss_stops_within_one_step_and_keeps_the_last_good_checkpoin
     assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 3  # the epoch-end save, last good
 
 
-def test_divergence_before_the_first_checkpoint_removes_the_new_run_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "_loss", lambda self, logits, t: logits.sum() * float("inf"))
-    (tmp_path / "keep").mkdir()
-    (tmp_path / "keep" / "notes.txt").write_text("mine")
-    r = run_cli("train", "--data", "synthetic", "--data-count", "96", "--arch", "seed", "--runs-dir", str(tmp_path),
-                "--run", "r")
-    assert r.exit_code == 3 and "nothing was saved; removed the new run folder" in r.stderr, r.output
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["keep"]  # the run folder alone went
+def test_divergence_before_the_first_checkpoint_says_so_and_keeps_the_losses(tmp_path, monkeypatch):
+    original = Trainer._loss
+    monkeypatch.setattr(Trainer, "_loss", lambda self, logits, t: original(self, logits, t) * (
+        float("inf") if self.step >= 4 else 1.0))
+    r = run_cli("train", "--data", "synthetic", "--data-count", "320", "--arch", "seed", "--runs-dir", str(tmp_path),
+                "--run", "r", "--log-every", "1")
+    assert r.exit_code == 3 and "diverged at step 5" in r.stderr, r.output
+    assert f"nothing was saved ({tmp_path / 'r' / 'metrics.csv'} has the losses before it)" in r.stderr
+    assert len((tmp_path / "r" / "metrics.csv").read_text().splitlines()) == 1 + 4
 
 
 @pytest.mark.parametrize("every, needle", [
@@ -441,7 +442,7 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig
     (["-q", "-v"], "-q and -v contradict"),
     (["--lr", "nan"], "learning rates must be positive and finite"),
 ])
-def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):
+def test_bad_input_is_exit_2_with_one_line(tmp_path, offline, args, needle):
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     r = run_cli("train", "--data-count", "64", "--runs-dir", str(tmp_path), *(["--data", "synthetic"] if
@@ -450,8 +451,21 @@ def test_bad_input_is_exit_2_with_one_line(tmp_path, args, needle):
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) <= 2
 
 
-def test_offline_mnist_leaves_no_empty_cache_folder(tmp_path):
-    r = run_cli("train", "--runs-dir", str(tmp_path / "runs"))
+@pytest.fixture
+def offline(monkeypatch):
+    """MNIST downloads fail as they do here, also on a machine with internet (no hang, no 30 epochs)."""
+    from urllib.error import URLError
+
+    import torchvision.datasets.mnist
+
+    def refuse(url, **kw):
+        raise URLError("offline")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", refuse)
+
+
+def test_offline_mnist_leaves_no_empty_cache_folder(tmp_path, offline):
+    r = run_cli("train", "--runs-dir", str(tmp_path / "runs"), "--max-steps", "1")
     assert r.exit_code == 2 and "use --data synthetic" in r.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
@@ -512,6 +526,11 @@ def test_resuming_a_run_from_an_older_checkpoint_in_place_is_refused_and_branche
     assert {p.name: p.read_bytes() for p in [run / "metrics.csv", *(run / "checkpoints").iterdir()]} == before
     r = run_cli("train", "--resume", str(old), "--runs-dir", str(tmp_path), "--run", "b", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["steps"] == 12, r.output
+    r = run_cli("train", "--resume", str(old), "--runs-dir", str(tmp_path), "--run", "b")  # b is a run now
+    assert r.exit_code == 2 and "holds another run" in r.stderr, r.output
+    (run / "checkpoints" / "last.pt").write_bytes(b"")  # a damaged last.pt is no loss: the resume replaces it
+    r = run_cli("train", "--resume", str(old), "--runs-dir", str(tmp_path), "--json")
+    assert r.exit_code == 0 and "continuing from" in r.stderr and ckpt.load(run / "checkpoints" / "last.pt")["step"] == 12
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path, trained_run):

@@ -86,11 +86,13 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
     if head != b"PK\x03\x04":
         why = "empty file" if not head else "not a PyTorch zip archive"
         raise CheckpointError(f"{path}: not a readable {what} ({why})")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a readable {what} (a PyTorch file cut short or corrupt)")
-    with zipfile.ZipFile(path) as z:
-        if any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist()):
-            raise CheckpointError(f"{path} is a TorchScript file, not a {what}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path}: not a readable {what} (a PyTorch file cut short or corrupt)") from None
+    if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+        raise CheckpointError(f"{path} is a TorchScript file, not a {what}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns before it raises; the one line below says it

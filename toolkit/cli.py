@@ -125,6 +125,14 @@ class _Group(_Command, click.Group):
         except click.UsageError as e:
             raise _one_line(e, ctx) from None
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _OneLineUsage:
+            raise
+        except click.UsageError as e:  # "Missing command", raised here rather than in parsing
+            raise _one_line(e, ctx) from None
+
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gantk")

@@ -216,12 +216,15 @@ def _generated_arrays(path: Path, arrays: list[dict]) -> Digits:
     ranges (runs of several --count) merged."""
     by_index: dict[int, np.ndarray] = {}
     for a in arrays:
-        file = path / a["file"]
+        file = path / str(a.get("file"))
         try:
             images = _as_uint8(np.load(file, allow_pickle=False), file)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{file}: not a readable .npy ({e})") from None
-        for i, im in zip(range(a["first"], a["stop"], a["step"]), images):
+            indices = range(a["first"], a["stop"], a["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{file}: not readable as the manifest lists it ({type(e).__name__}: {e})") from None
+        if len(images) != len(indices):
+            raise DataError(f"{file}: {len(images)} images where the manifest lists {len(indices)}")
+        for i, im in zip(indices, images):
             by_index.setdefault(i, im)
     return Digits(_resize(np.stack([by_index[i] for i in sorted(by_index)])), None, str(path))
 

@@ -277,8 +277,9 @@ def _sha256_file(path: Path) -> str | None:
 
 
 def check_room(req: Request, out: Path, have: int) -> None:
-    """A run that cannot fit is refused before it starts: PNGs take a filesystem block and an inode each
-    (`have` of them may already be there); an .npy array is built in memory, then written whole."""
+    """A run that cannot fit is refused before it starts: PNGs take a block (of at most 4 KiB: network
+    filesystems report their transfer size there) and an inode each, `have` of them may already be there
+    or be replaced; an .npy array is built in memory, then written whole. Unknown figures (0) pass."""
     n = len(req.indices())
     probe = out
     while not probe.exists():
@@ -286,11 +287,11 @@ def check_room(req: Request, out: Path, have: int) -> None:
     st = os.statvfs(probe)
     free = st.f_bavail * st.f_frsize
     if req.fmt == "png":
-        n = max(n - have, 0)
-        if n * st.f_frsize > free:
-            raise UsageError(f"--count {req.count}: {n:,} PNGs need about {_size(n * st.f_frsize)} ({st.f_frsize}-byte "
+        n, block = max(n - have, 0), min(st.f_frsize, 4096)
+        if st.f_blocks and n * block > free:
+            raise UsageError(f"--count {req.count}: {n:,} PNGs need about {_size(n * block)} ({block}-byte "
                              f"blocks); {out}'s filesystem has {_size(free)} free")
-        if st.f_files and n > st.f_favail:
+        if st.f_files and st.f_favail and n > st.f_favail:
             raise UsageError(f"--count {req.count}: {n:,} PNGs need as many inodes; {out}'s filesystem has "
                              f"{st.f_favail:,} free")
         return
@@ -298,7 +299,7 @@ def check_room(req: Request, out: Path, have: int) -> None:
     if 2 * n * 1024 > ram:
         raise UsageError(f"--count {req.count}: an .npy of {n:,} images is built in memory ({_size(2 * n * 1024)} "
                          f"with its copy), more than this machine's {_size(ram)}; split it with --start/--count")
-    if n * 1024 > free:
+    if st.f_blocks and n * 1024 > free and not have:
         raise UsageError(f"--count {req.count}: an .npy of {n:,} images needs {_size(n * 1024)}; {out}'s "
                          f"filesystem has {_size(free)} free")
 
@@ -778,15 +779,14 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
             with timing("manifest"):
                 folder.flush(force=False)
         settle(True)
-    finally:
+    except BaseException:
         _settle_after_failure(pending, folder, pool)
+        raise
     return stats
 
 
 def _settle_after_failure(pending: collections.deque, folder: Folder, pool: Executor) -> None:
-    """Interrupted: record what the writers finished, so the manifest never lags far behind the disk."""
-    if not pending:
-        return
+    """Interrupted: record what the writers finished, so the manifest never lags behind the disk."""
     pool.shutdown(wait=True, cancel_futures=True)
     for fut in pending:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -906,7 +906,8 @@ def _open_and_write(req, model, backend, provider, asked, progress, world, pool)
                 "latent_shape": list(be.latent_shape)}
     folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
     folder.writer = world.main
-    check_room(req, out, len(folder.files))
+    recorded = npy_name(req) in folder.arrays if req.fmt == "npy" else len(folder.files)
+    check_room(req, out, recorded + len((replaced or {}).get("files", [])))
     if out.is_dir():
         _refuse_foreign(folder, [SUMMARY, GRID, npy_name(req)])
     todo, kept = plan_pngs(folder, req.indices(), replaced) if req.fmt == "png" and out.is_dir() \

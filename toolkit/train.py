@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import random
+import shlex
 import signal
 import threading
 import time
@@ -274,13 +275,14 @@ class _Meter:
 @contextmanager
 def _stop_on_signals():
     """First SIGINT/SIGTERM asks for a stop at the next step boundary; a second one stops at once."""
-    asked: dict[str, int | None] = {"signum": None}
+    asked: dict[str, int | None] = {"signum": None, "again": None}
     if threading.current_thread() is not threading.main_thread():
         yield asked
         return
 
     def handler(signum, frame):
         if asked["signum"] is not None:
+            asked["again"] = signum
             raise KeyboardInterrupt
         asked["signum"] = signum
         log.warning("signal %d: saving at the next step boundary (again to stop at once)", signum)
@@ -436,7 +438,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
         run_dir = run_dir or (resume.parent.parent if resume.parent.name == "checkpoints" else None)
         if run_dir is None:
             raise UsageError(f"{resume} is not inside a run folder; pass --run to say where to continue")
-        _refuse_rewind(resume, state["step"], RunFolder(run_dir))
+        _check_target(resume, state["step"], RunFolder(run_dir))
     device = resolve_device(config.device)
     if config.amp and device.type == "cpu" and not native_bf16():
         log.warning("bf16 autocast on a CPU without bf16 instructions runs emulated: about 17x slower than "
@@ -461,12 +463,20 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
         distributed.shutdown(created)
 
 
-def _refuse_rewind(resume: Path, step: int, run: RunFolder) -> None:
-    """Continuing a run folder from an older checkpoint than its last.pt would replace last.pt and drop
-    the metrics after `step`: refused, the user can branch into a new folder instead."""
+def _check_target(resume: Path, step: int, run: RunFolder) -> None:
+    """A resume replaces the target folder's last.pt and drops its metrics after `step`: refused where
+    that loses training (another run's folder, or an older checkpoint of this one), so the user branches
+    with --run instead. An unreadable last.pt is no loss: the resume replaces it, with a warning."""
     if not run.last.is_file() or run.last.resolve() == resume.resolve():
         return
-    newer = ckpt.load(run.last)["step"]
+    if resume.resolve().parent != run.checkpoints.resolve():
+        raise UsageError(f"{run.root} holds another run ({run.last}); continuing {resume} there would replace "
+                         f"it: pass a new --run NAME")
+    try:
+        newer = ckpt.load(run.last)["step"]
+    except CheckpointError as e:
+        log.warning("%s; continuing from %s replaces it", e, resume)
+        return
     if newer > step:
         raise UsageError(f"{resume} is at step {step}, behind {run.last} (step {newer}); continuing in {run.root} "
                          f"would replace it: pass --run NAME to branch into a new run folder")
@@ -530,18 +540,17 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device,
     images = data_mod.to_tensor(digits.images)
     if progress:
         progress({"event": "start", **info})
-    try:
-        with _stop_on_signals() as stop:
+    with _stop_on_signals() as stop:
+        try:
             _loop(trainer, run, images, total, final, steps_per_epoch, stop, progress, evaluator)
-    except KeyboardInterrupt:  # a second signal: no save
-        raise Interrupted(_unsaved(trainer, run, created and world.main), signal.SIGINT) from None
-    except GantkError as e:
-        if isinstance(e, DivergedError):
-            e.args = (f"{e}; " + (f"the last checkpoint is step {run.saved[0]}'s: {run.saved[1]}" if run.saved
-                                  else "nothing was saved"),)
-        if created and world.main and run.saved is None and run.discard():
-            e.args = (f"{e}; removed the new run folder {run.root}",)
-        raise
+        except KeyboardInterrupt:  # a second signal: no save
+            raise Interrupted(_unsaved(trainer, run, created and world.main),
+                              stop["again"] or signal.SIGINT) from None
+        except DivergedError as e:
+            if world.main:
+                e.args = (f"{e}; " + (f"the last checkpoint is step {run.saved[0]}'s: {run.saved[1]}" if run.saved
+                                      else f"nothing was saved ({run.metrics} has the losses before it)"),)
+            raise
     distributed.barrier(world)
     if progress:
         progress({"event": "end", "step": trainer.step})
@@ -550,19 +559,28 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device,
 
 
 def _unsaved(t: Trainer, run: RunFolder, created: bool) -> str:
-    """What a stop without a save leaves: the last checkpoint to resume from, or nothing."""
+    """What a stop without a save leaves: the checkpoint to resume from (the one this call started from,
+    into this folder, if it saved none), or nothing."""
     if run.saved is None:
         gone = f"; removed the new run folder {run.root}" if created and run.discard() else ""
         return f"stopped at once at step {t.step} (a second signal), before the first checkpoint: nothing saved{gone}"
     step, path = run.saved
+    into = run.root if path.resolve().parent != run.checkpoints.resolve() else None
     return (f"stopped at once at step {t.step} (a second signal), unsaved since step {step}; resume with: "
-            f"{resume_command(path, t.config)}")
+            f"{resume_command(path, t.config, into=into)}")
 
 
-def resume_command(path: Path, config: TrainConfig) -> str:
-    """The command that continues a run from `path` as far as this call was asked to go."""
-    more = f" --max-steps {config.max_steps}" if config.max_steps is not None else ""
-    return f"gantk train --resume {path}{more}"
+def resume_command(path: Path, config: TrainConfig, *, into: Path | None = None) -> str:
+    """The command that continues a run from `path` (into the run folder `into`) as far as this call was
+    asked to go, on the same device."""
+    words = ["gantk", "train", "--resume", str(path)]
+    if into is not None:
+        words += ["--runs-dir", str(into.parent), "--run", into.name]
+    if config.max_steps is not None:
+        words += ["--max-steps", str(config.max_steps)]
+    if config.device != "auto":
+        words += ["--device", config.device]
+    return shlex.join(words)
 
 
 def _stored_dtype(state: dict[str, Any]) -> str:
