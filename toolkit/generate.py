@@ -938,8 +938,9 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
             stats = write_npy(be, req, folder, pool, progress, timing)
     except KeyboardInterrupt:  # the writers' finished files are in the manifest (write_pngs saw to it)
         done = sum(i in folder.files for i in req.indices()) if req.fmt == "png" else 0
-        raise Interrupted(f"interrupted: {done} of {len(req.indices())} images are in {out}; the same command "
-                          f"writes the rest", signal.SIGINT) from None
+        whose = f" of rank {world.rank}'s shard" if world.active else ""
+        raise Interrupted(f"interrupted: {done} of {len(req.indices())} images{whose} are in {out}; the same "
+                          f"command writes the rest", signal.SIGINT) from None
     seconds = time.perf_counter() - t0
     # CPU seconds of the timed phase, this process's threads and the worker processes' together
     timing["cpu"] = time.process_time() - cpu0 + (timing["workers_cpu"] if isinstance(pool, ProcessPoolExecutor) else 0)
