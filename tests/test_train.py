@@ -376,6 +376,12 @@ def test_resuming_a_finished_run_trains_nothing_and_touches_nothing(tmp_path, tr
         assert f"nothing to train: {trained_run / 'checkpoints' / 'last.pt'} is at step {step}" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")} == before
     assert not (tmp_path / "fork").exists()
+    digits = tmp_path / "digits.npy"
+    np.save(digits, data.synthetic(64).images)
+    s = train(tiny(data=str(digits), data_count=None, epochs=1), runs_dir=tmp_path)
+    digits.unlink()  # gone, as MNIST is offline: a finished run needs no data to say so
+    r = run_cli("train", "--resume", s["run_dir"])
+    assert r.exit_code == 0 and "nothing to train" in r.stderr, r.output
 
 
 def test_divergence_raises_in_the_library(tmp_path, monkeypatch):

@@ -504,9 +504,12 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device,
            resumed: tuple[Path | None, dict | None], run_dir: Path | None, runs_dir: Path,
            progress: Callable | None) -> dict[str, Any]:
     source, state = resumed
-    digits = data_mod.load(config.data, seed=config.seed, count=config.data_count)
-    steps_per_epoch = len(digits) // (config.batch_size * world.size)
-    if steps_per_epoch == 0:
+    # a finished run (or one past --max-steps) needs no data: resuming it offline still says so
+    finished = state is not None and (state["epoch"] >= config.epochs or
+                                      (config.max_steps is not None and state["step"] >= config.max_steps))
+    digits = None if finished else data_mod.load(config.data, seed=config.seed, count=config.data_count)
+    steps_per_epoch = 0 if finished else len(digits) // (config.batch_size * world.size)
+    if not finished and steps_per_epoch == 0:
         raise DataError(f"{digits.source}: {len(digits)} images, fewer than one batch of {config.batch_size} "
                         f"for each of {world.size} process(es)")
     trainer = Trainer(config, device, world)
@@ -523,9 +526,10 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device,
     start = trainer.step
     info = dict(device=str(device), dtype=trainer.dtype, world_size=world.size, rank=world.rank,
                 batch_per_rank=config.batch_size, global_batch=config.batch_size * world.size,
-                images=len(digits), data=digits.source, steps_per_epoch=steps_per_epoch, total_steps=total,
+                images=len(digits) if digits else None, data=digits.source if digits else config.data,
+                steps_per_epoch=steps_per_epoch or None, total_steps=total,
                 start_step=start, epochs=config.epochs, seed=config.seed, lr_g=config.lr_g, lr_d=config.lr_d)
-    if state is not None and start >= total:  # a finished run, or one past --max-steps: no folder is touched
+    if finished:  # no folder is touched
         return {**info, "run_dir": str(source.parent.parent if source.parent.name == "checkpoints" else source.parent),
                 "steps": start, "steps_run": 0, "epochs_done": trainer.epoch, "checkpoint": str(source),
                 "elapsed_s": round(trainer.elapsed, 2), "last_step": {}}
