@@ -489,6 +489,7 @@ def test_debug_adds_the_traceback_before_or_after_the_command_and_keeps_the_exit
     (["generate", "--fromat", "npy"], "No such option '--fromat'"), (["bogus"], "No such command 'bogus'"),
     (["info"], "Missing argument 'PATH'"), (["train", "--arch", "big"], "'big' is not one of"),
     (["export", "--opset", "x"], "'x' is not a valid integer"), (["classifier", "tain"], "No such command 'tain'"),
+    (["--debug"], "Missing command"), (["classifier", "--debug"], "Missing command"),
 ])
 def test_usage_errors_of_any_command_are_one_line_exit_2(args, needle):
     r = run_cli(*args)
