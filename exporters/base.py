@@ -138,6 +138,8 @@ def destination(out: str | Path, *, suffix: str) -> Path:
     """`out` as an absolute path in a writable place (its folders are made by `staged`); UsageError if it is
     a folder, a file that is not a gantk export (the user's, or the checkpoint itself: only exports are
     replaced), or named with the other format's suffix."""
+    from gantk.checkpoint import existing_ancestor
+
     from . import read_metadata
 
     out = Path(out).expanduser().absolute()
@@ -152,9 +154,7 @@ def destination(out: str | Path, *, suffix: str) -> Path:
         except CheckpointError:
             raise UsageError(f"--out {out} exists and is not a gantk export; not overwriting it "
                              "(choose another --out)") from None
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
+    probe = existing_ancestor(out.parent)
     if not probe.is_dir():
         raise UsageError(f"--out {out}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -169,7 +169,9 @@ def staged(out: Path) -> Iterator[Path]:
 
     A VerificationError raised inside gains a note that `out` was not touched.
     """
-    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # innermost first
+    from gantk.checkpoint import missing_folders, remove_empty
+
+    made = missing_folders(out.parent)
     tmp = None
     try:
         try:
@@ -187,9 +189,7 @@ def staged(out: Path) -> Iterator[Path]:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if not out.exists():
-            for d in made:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+            remove_empty(made)
 
 
 def commit(tmp: Path, out: Path) -> None:

@@ -12,7 +12,6 @@ import os
 import re
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +66,27 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def existing_ancestor(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists: where the folders for a new `path` would start."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those above it that do not exist yet, innermost first (for `remove_empty`)."""
+    return [d for d in (folder, *folder.parents) if not d.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each folder that is still empty, innermost first: what a failed write made, and only that."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
 def save(state: dict[str, Any], path: Path) -> None:
     import torch
 
@@ -78,20 +98,15 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
     """`torch.load(weights_only=True)`, never a fallback; CheckpointError naming the path otherwise."""
     import torch
 
+    from .exporters import export_kind
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{missing}: {path}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"PK\x03\x04":
-        why = "empty file" if not head else "not a PyTorch zip archive"
-        raise CheckpointError(f"{path}: not a readable {what} ({why})")
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except zipfile.BadZipFile:
-        raise CheckpointError(f"{path}: not a readable {what} (a PyTorch file cut short or corrupt)") from None
-    if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+    kind = export_kind(path)  # CheckpointError for an empty or cut-short file
+    if kind == "onnx":
+        raise CheckpointError(f"{path}: not a readable {what} (not a PyTorch zip archive)")
+    if kind == "torchscript":
         raise CheckpointError(f"{path} is a TorchScript file, not a {what}")
     try:
         with warnings.catch_warnings():

@@ -92,7 +92,8 @@ class _OneLineUsage(click.UsageError):
 
 
 def _one_line(e: click.UsageError, ctx: click.Context) -> click.UsageError:
-    return e if isinstance(e, click.exceptions.NoArgsIsHelpError) else _OneLineUsage(e.format_message(), e.ctx or ctx)
+    done = isinstance(e, (_OneLineUsage, click.exceptions.NoArgsIsHelpError))  # help is shown whole
+    return e if done else _OneLineUsage(e.format_message(), e.ctx or ctx)
 
 
 def _debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -128,8 +129,6 @@ class _Group(_Command, click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except _OneLineUsage:
-            raise
         except click.UsageError as e:  # "Missing command", raised here rather than in parsing
             raise _one_line(e, ctx) from None
 

@@ -5,7 +5,6 @@ None). `to_tensor` scales them to float32 (N, 1, 32, 32) in [-1, 1] for the mode
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import struct
@@ -63,14 +62,14 @@ def to_tensor(images: np.ndarray):
 def load_mnist(root: Path | None = None, *, flag: str = "--data") -> Digits:
     from torchvision.datasets import MNIST
 
+    from .checkpoint import missing_folders, remove_empty
+
     root = root or default_cache() / "mnist"
-    made = [d for d in (root / "MNIST" / "raw", root / "MNIST", root, *root.parents) if not d.exists()]
+    made = missing_folders(root / "MNIST" / "raw")  # what torchvision makes before it downloads
     try:
         ds = MNIST(str(root), train=True, download=True)
     except Exception as e:  # torchvision raises RuntimeError/URLError offline
-        for d in made:  # the empty folders torchvision made, innermost first
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        remove_empty(made)
         raise DataError(
             f"MNIST is not cached in {root} and could not be downloaded ({type(e).__name__}); "
             f"use {flag} synthetic, or {flag} PATH to an IDX file (e.g. t10k-images-idx3-ubyte.gz), "

@@ -178,9 +178,9 @@ def check_out(out: Path) -> None:
         if not os.access(out, os.W_OK | os.X_OK):
             raise GantkError(f"--out {out} is not writable")
         return
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
+    from .checkpoint import existing_ancestor
+
+    probe = existing_ancestor(out.parent)
     if not probe.is_dir():
         raise UsageError(f"--out {out}: {probe} is a file, not a folder")
     try:
@@ -280,11 +280,10 @@ def check_room(req: Request, out: Path, have: int) -> None:
     """A run that cannot fit is refused before it starts: PNGs take a block (of at most 4 KiB: network
     filesystems report their transfer size there) and an inode each, `have` of them may already be there
     or be replaced; an .npy array is built in memory, then written whole. Unknown figures (0) pass."""
+    from .checkpoint import existing_ancestor
+
     n = len(req.indices())
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    st = os.statvfs(probe)
+    st = os.statvfs(existing_ancestor(out))
     free = st.f_bavail * st.f_frsize
     if req.fmt == "png":
         n, block = max(n - have, 0), min(st.f_frsize, 4096)
