@@ -508,6 +508,9 @@ def test_a_damaged_manifest_is_named_as_such(exported, tmp_path):
     assert "is a damaged gantk manifest" in r.stderr
     manifest.write_text('{"mine": 1}')
     assert "is not a gantk generate manifest" in gen(exported["onnx"], out, "--count", "3", code=2).stderr
+    manifest.unlink()
+    manifest.mkdir()
+    assert "is not a gantk generate manifest (not a file)" in gen(exported["onnx"], out, "--count", "3", code=2).stderr
 
 
 def test_other_model_or_seed_needs_overwrite_and_foreign_files_survive(exported, tmp_path):

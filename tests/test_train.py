@@ -347,11 +347,12 @@ def test_divergence_before_the_first_checkpoint_says_so_and_keeps_the_losses(tmp
     assert len((tmp_path / "r" / "metrics.csv").read_text().splitlines()) == 1 + 4
 
 
-@pytest.mark.parametrize("every, needle", [
-    (100, "before the first checkpoint: nothing saved; removed the new run folder"),
-    (2, "unsaved since step 2; resume with: gantk train --resume {last} --max-steps 50"),
+@pytest.mark.parametrize("every, premade, needle", [
+    (100, False, "before the first checkpoint: nothing saved; removed the new run folder"),
+    (100, True, "before the first checkpoint: nothing saved; emptied {run} again"),
+    (2, False, "unsaved since step 2; resume with: gantk train --resume {last} --max-steps 50"),
 ])
-def test_a_second_signal_stops_at_once_and_says_what_was_saved(tmp_path, monkeypatch, every, needle):
+def test_a_second_signal_stops_at_once_and_says_what_was_saved(tmp_path, monkeypatch, every, premade, needle):
     original = Trainer.train_step
 
     def step(self, x, **kw):
@@ -360,11 +361,28 @@ def test_a_second_signal_stops_at_once_and_says_what_was_saved(tmp_path, monkeyp
         return original(self, x, **kw)
 
     monkeypatch.setattr(Trainer, "train_step", step)
+    run = tmp_path / "r"
+    if premade:  # the user's own empty folder stays, emptied of what training wrote
+        run.mkdir()
     r = run_cli("train", "--data", "synthetic", "--data-count", "320", "--arch", "seed", "--max-steps", "50",
                 "--checkpoint-every", str(every), "--runs-dir", str(tmp_path), "--run", "r")
-    last = tmp_path / "r" / "checkpoints" / "last.pt"
-    assert r.exit_code == 130 and needle.format(last=last) in r.stderr, r.output
-    assert (tmp_path / "r").exists() == (every == 2)
+    assert r.exit_code == 130 and needle.format(last=run / "checkpoints" / "last.pt", run=run) in r.stderr, r.output
+    assert run.exists() == (every == 2 or premade)
+    if premade:
+        assert list(run.iterdir()) == []
+
+
+def test_a_second_signal_with_only_best_pt_names_it(tmp_path):
+    from types import SimpleNamespace
+
+    from gantk.train import RunFolder, _unsaved
+
+    run = RunFolder(tmp_path / "r")
+    run.checkpoints.mkdir(parents=True)
+    run.best.write_bytes(b"state")
+    msg = _unsaved(SimpleNamespace(step=12), run, "folder")
+    assert msg.endswith(f"before the first last.pt: only {run.best} (the best FID so far) was saved")
+    assert run.best.exists()
 
 
 def test_resuming_a_finished_run_trains_nothing_and_touches_nothing(tmp_path, trained_run):

@@ -402,6 +402,8 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     path = out / MANIFEST
     if not path.exists():
         return None
+    if not path.is_file():
+        raise UsageError(f"{path} exists and is not a gantk generate manifest (not a file); choose another --out")
     text = path.read_bytes().decode(errors="replace")
     try:
         doc = json.loads(text)

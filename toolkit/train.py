@@ -307,14 +307,15 @@ class RunFolder:
         self.best = self.checkpoints / "best.pt"
         self.saved: tuple[int, Path] | None = None  # (step, path) of the newest checkpoint to resume from
 
-    def discard(self) -> bool:
-        """Remove a run folder this call created and that holds no checkpoint: only the files training
-        writes (a user's own file keeps the folder). True when the folder is gone."""
+    def discard(self, made: str) -> bool:
+        """Undo what this call made (`_prepare_run`'s "folder" or "files") in a run folder that holds no
+        checkpoint: only the files training writes (a user's own file keeps the folder), and the folder
+        itself only where this call made it. True when all of that is gone."""
         if any(self.checkpoints.glob("*.pt")):
             return False
         for path in [*self.samples.glob("*.png"), self.metrics, self.root / "config.json", self.root / "loss.png"]:
             path.unlink(missing_ok=True)
-        for folder in (self.checkpoints, self.samples, self.root):
+        for folder in (self.checkpoints, self.samples, self.root)[: 3 if made == "folder" else 2]:
             try:
                 folder.rmdir()
             except OSError:
@@ -534,7 +535,7 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device,
                 "steps": start, "steps_run": 0, "epochs_done": trainer.epoch, "checkpoint": str(source),
                 "elapsed_s": round(trainer.elapsed, 2), "last_step": {}}
     evaluator = _Evaluator(config, digits) if config.eval_every and world.main else None
-    root, created = distributed.on_main(world, lambda: _prepare_run(config, run_dir, runs_dir, start))
+    root, made = distributed.on_main(world, lambda: _prepare_run(config, run_dir, runs_dir, start))
     run = RunFolder(root)
     run.saved = (start, source) if state is not None else None
     info["run_dir"] = str(run.root)
@@ -548,7 +549,7 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device,
         try:
             _loop(trainer, run, images, total, final, steps_per_epoch, stop, progress, evaluator)
         except KeyboardInterrupt:  # a second signal: no save
-            raise Interrupted(_unsaved(trainer, run, created and world.main),
+            raise Interrupted(_unsaved(trainer, run, made if world.main else ""),
                               stop["again"] or signal.SIGINT) from None
         except DivergedError as e:
             if world.main:
@@ -562,15 +563,20 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device,
             "checkpoint": str(run.last), "elapsed_s": round(trainer.elapsed, 2), "last_step": trainer.last_figures}
 
 
-def _unsaved(t: Trainer, run: RunFolder, created: bool) -> str:
+def _unsaved(t: Trainer, run: RunFolder, made: str) -> str:
     """What a stop without a save leaves: the checkpoint to resume from (the one this call started from,
-    into this folder, if it saved none), or nothing."""
+    into this folder, if it saved none), or nothing; `made`: what this call made (`_prepare_run`)."""
+    stopped = f"stopped at once at step {t.step} (a second signal)"
+    if run.saved is None and run.best.exists():
+        return f"{stopped}, before the first last.pt: only {run.best} (the best FID so far) was saved"
     if run.saved is None:
-        gone = f"; removed the new run folder {run.root}" if created and run.discard() else ""
-        return f"stopped at once at step {t.step} (a second signal), before the first checkpoint: nothing saved{gone}"
+        gone = ""
+        if made and run.discard(made):
+            gone = f"; removed the new run folder {run.root}" if made == "folder" else f"; emptied {run.root} again"
+        return f"{stopped}, before the first checkpoint: nothing saved{gone}"
     step, path = run.saved
     into = run.root if path.resolve().parent != run.checkpoints.resolve() else None
-    return (f"stopped at once at step {t.step} (a second signal), unsaved since step {step}; resume with: "
+    return (f"{stopped}, unsaved since step {step}; resume with: "
             f"{resume_command(path, t.config, into=into)}")
 
 
@@ -596,14 +602,16 @@ def _stored_dtype(state: dict[str, Any]) -> str:
     return "fp16 autocast" if state.get("scaler") else "bf16 autocast"
 
 
-def _prepare_run(config: TrainConfig, run_dir: Path | None, runs_dir: Path, step: int) -> tuple[Path, bool]:
-    """Rank 0: create a new run folder, or trim a resumed one's metrics to its checkpoint; (folder, created)."""
+def _prepare_run(config: TrainConfig, run_dir: Path | None, runs_dir: Path, step: int) -> tuple[Path, str]:
+    """Rank 0: create a new run folder, or trim a resumed one's metrics to its checkpoint; (folder, what
+    this call made: "folder", "files" in an empty folder the user made, "" for a resumed one)."""
     run = RunFolder(run_dir or new_run_dir(runs_dir, config))
     if step and (run.root / "config.json").exists():
         run.truncate_metrics(step)
-        return run.root, False
+        return run.root, ""
+    made = "files" if run.root.is_dir() else "folder"
     run.create(config, continuing=bool(step))
-    return run.root, True
+    return run.root, made
 
 
 def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: int, steps_per_epoch: int,
