@@ -186,6 +186,35 @@ def test_frechet_of_identical_gaussians_is_zero():
     assert M.frechet(mu + 1, sigma, mu, sigma) == pytest.approx(8, rel=1e-4)
 
 
+def test_kid_spread_counts_both_sides_of_small_sets():
+    from gantk import metrics as M
+
+    rng = np.random.default_rng(0)
+    draw = lambda n, shift: rng.normal(shift, 1, (n, 16))  # noqa: E731
+    value, se = M.kid(draw(600, 0.3), draw(600, 0), subsets=50)  # both below subset_size: m = 300
+    fresh = np.std([M._mmd2(draw(300, 0.3), draw(300, 0)) for _ in range(40)], ddof=1)
+    assert value > 0 and 0.3 < se / fresh < 1.6  # it was 0: every subset was the whole of both sets
+
+
+def test_the_heldout_digits_are_a_random_draw_not_the_end_of_the_file(clf, tmp_path):
+    images = data.synthetic(600, seed=4).images
+    ordered = images[np.argsort(images.reshape(600, -1).sum(1))]  # ordered like MNIST's writers
+    np.save(tmp_path / "ordered.npy", ordered)
+    ref = E.load_reference(str(tmp_path / "ordered.npy"), classifier=clf, heldout=200, cache_dir=tmp_path / "c")
+    ink = lambda a: a.reshape(len(a), -1).sum(1).mean()  # noqa: E731
+    assert abs(ink(ref.heldout) - ink(ordered)) < 0.1 * (ink(ordered[-200:]) - ink(ordered))
+    assert sorted(im.tobytes() for im in np.concatenate([ref.images, ref.heldout])) == \
+        sorted(im.tobytes() for im in ordered)
+
+
+def test_non_finite_features_are_a_data_error(clf, ref):
+    images = ref.heldout[:200]
+    feats, probs = clf.predict(images)
+    feats[3, 5] = np.nan
+    with pytest.raises(DataError, match="non-finite features for 1 of 200 samples"):
+        E.analyse(images, classifier=clf, reference=ref, features=(feats, probs))
+
+
 # ---------------------------------------------------------------- CLI
 
 

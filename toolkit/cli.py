@@ -553,7 +553,7 @@ def classifier_train(**o: Any) -> None:
               help="From `gantk classifier train` [default: <runs-dir>/classifier.pt].")
 @click.option("--reference", default="mnist", show_default=True, help="Real digits: mnist, synthetic or a path.")
 @click.option("--heldout", type=int, default=None,
-              help="Real digits held out of --reference (its last ones) for the reference row [default: min(2000, N/5)].")
+              help="Real digits held out of --reference (a fixed random draw) for the reference row [default: min(2000, N/5)].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed for models; subsets of KID.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="auto", show_default=True,
               help="Where a model runs, as for generate.")

@@ -1,6 +1,7 @@
 """Score generated digits against real ones in the feature space of gantk's own digit classifier.
 
-`load_reference(spec, classifier=...)` loads real digits and splits off the last `heldout` of them: the
+`load_reference(spec, classifier=...)` loads real digits and holds out `heldout` of them, drawn at random
+with a fixed seed (files such as MNIST's are ordered by writer, so their end is no fair sample): the
 rest is the *training side* (Gaussian statistics, the k-NN manifold, the memorisation search), the
 held-out part gives the *reference row*, scored exactly like samples so the numbers mean something.
 Its features are cached under `<cache>/eval/`, keyed by the data's and the classifier's sha256.
@@ -27,7 +28,7 @@ from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the held-out digits are a random draw (1: the file's last ones)
 MIN_SAMPLES = FEATURE_DIM + 1  # fewer and the feature covariance cannot have full rank
 BIASED_BELOW = 5000  # FID at smaller N is noticeably biased upward
 MEMO_QUANTILE = 0.05  # "closer than real held-out digits usually are": their 5th percentile
@@ -36,6 +37,7 @@ KNN_K = 3
 RECOGNISED = 0.5  # top-1 probability from which a sample counts as the digit it looks most like
 WEAK_CLASSIFIER = 0.95  # held-out accuracy below which the classifier-based figures are flagged
 DEFAULT_COUNT = 10_000
+SPLIT_SEED = 0  # which digits are held out: the same ones on every call
 
 
 @dataclass
@@ -95,7 +97,8 @@ def load_reference(spec: Any, *, classifier: Classifier, heldout: int | None = N
 
     digits = spec if isinstance(spec, data.Digits) else data.load(str(spec), flag="--reference")
     h = _heldout_size(len(digits), heldout)
-    train, held = digits.images[:-h], digits.images[-h:]
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(digits))
+    train, held = digits.images[np.sort(order[h:])], digits.images[np.sort(order[:h])]
     key = hashlib.sha256(f"{data_sha256(digits.images)}:{classifier.sha256}:{h}:{CACHE_VERSION}"
                          .encode()).hexdigest()[:24]
     path = Path(cache_dir or data.default_cache() / "eval") / f"reference-{key}.npz"
@@ -203,6 +206,9 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 
 def _distribution(feats: np.ndarray, ref: Reference, *, seed: int) -> dict[str, float]:
     """FID, KID, precision and recall: the samples' features against the training side."""
+    if not np.isfinite(feats).all():
+        raise DataError(f"the classifier gave non-finite features for {int((~np.isfinite(feats)).any(1).sum())} "
+                        f"of {len(feats)} samples; retrain it (`gantk classifier train`)")
     mu, sigma = M.gaussian(feats)
     scale = ref.feature_rms  # the cubic kernel wants features of order 1, as Inception's are
     kid, kid_se = M.kid(feats / scale, ref.features / scale, seed=seed)

@@ -43,11 +43,16 @@ def kid(x: np.ndarray, y: np.ndarray, *, subsets: int = 100, subset_size: int = 
         seed: int = 0) -> tuple[float, float]:
     """KID of features x vs y: mean unbiased MMD^2 over `subsets` random subsets, and its subset std.
 
-    The std is the standard error of one estimate made from `subset_size` samples per side (the
-    subsets overlap, so std / sqrt(subsets) would understate the uncertainty).
+    Subsets hold m = `subset_size` points per side, or half the smaller set if that is less, so that
+    both sides vary (a subset as large as its set is that set every time: a std of 0). The std is the
+    spread of the subset estimates, as torch-fidelity reports it: with sets much larger than m it is
+    about the standard error of one estimate from m points per side; with sets of 2m it read 0.5-0.9x
+    that (tests/test_eval.py). The subsets overlap, so std / sqrt(subsets) would understate it more.
     """
     rng = np.random.default_rng(seed)
-    m = min(subset_size, len(x), len(y))
+    m = min(subset_size, len(x) // 2, len(y) // 2)
+    if m < 2:
+        raise ValueError(f"KID needs at least 4 points per set, got {len(x)} and {len(y)}")
     est = [_mmd2(x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)])
            for _ in range(subsets)]
     return float(np.mean(est)), float(np.std(est, ddof=1)) if subsets > 1 else 0.0
