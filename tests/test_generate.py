@@ -469,17 +469,22 @@ def test_killed_run_resumes_byte_identical(exported, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no temp files left
 
 
-def test_ctrl_c_says_how_many_images_are_kept_and_the_same_command_continues(exported, tmp_path):
+@pytest.mark.parametrize("signum, group", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_ctrl_c_or_sigterm_says_how_many_images_are_kept_and_the_same_command_continues(exported, tmp_path,
+                                                                                        signum, group):
     out = tmp_path / "cut"
     args = ["--count", "3000", "--batch-size", "16", "--writers", "1"]
     cmd = [sys.executable, "-m", "gantk", "generate", "--model", str(exported["onnx"]), "--out", str(out), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group)
     deadline = time.monotonic() + 60
     while len(list(out.glob("*.png"))) < 300 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    if group:  # as a scheduler stops a job: the workers get it too
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err
     kept = int(re.search(r"interrupted: (\d+) of 3000 images are in", err).group(1))
     assert 0 < kept < 3000 and len(err.strip().splitlines()) == 1, err
     assert len(json.loads((out / "manifest.json").read_text())["files"]) == kept  # recorded, not just on disk

@@ -658,11 +658,13 @@ def executor(workers: int, images: int) -> Executor:
 
 
 def _worker_init(parent: int) -> None:
-    """Ignore Ctrl-C (the main process stops the pool); die with the main process, so a killed run
-    leaves no worker writing behind the re-run that resumes it (Linux: PR_SET_PDEATHSIG)."""
+    """Ignore Ctrl-C and SIGTERM (sent to the process group, the main process stops the pool and records
+    what the workers finished); die with the main process, so a killed run leaves no worker writing
+    behind the re-run that resumes it (Linux: PR_SET_PDEATHSIG)."""
     import ctypes
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -932,16 +934,17 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
     progress({"event": "start", "total": len(req.indices()), "done": kept})
     t0, cpu0, timing = time.perf_counter(), time.process_time(), Timing()
     try:
-        if req.fmt == "png":
-            stats = write_pngs(be, req, folder, todo, pool, progress, timing) if todo else {"written": 0, "unchanged": 0}
-            stats["generated"] = len(todo)
-        else:
-            stats = write_npy(be, req, folder, pool, progress, timing)
+        with _term_as_interrupt() as stopped_by:
+            if req.fmt == "png":
+                stats = write_pngs(be, req, folder, todo, pool, progress, timing) if todo else {"written": 0, "unchanged": 0}
+                stats["generated"] = len(todo)
+            else:
+                stats = write_npy(be, req, folder, pool, progress, timing)
     except KeyboardInterrupt:  # the writers' finished files are in the manifest (write_pngs saw to it)
         done = sum(i in folder.files for i in req.indices()) if req.fmt == "png" else 0
         whose = f" of rank {world.rank}'s shard" if world.active else ""
         raise Interrupted(f"interrupted: {done} of {len(req.indices())} images{whose} are in {out}; the same "
-                          f"command writes the rest", signal.SIGINT) from None
+                          f"command writes the rest", stopped_by[0]) from None
     seconds = time.perf_counter() - t0
     # CPU seconds of the timed phase, this process's threads and the worker processes' together
     timing["cpu"] = time.process_time() - cpu0 + (timing["workers_cpu"] if isinstance(pool, ProcessPoolExecutor) else 0)
@@ -962,6 +965,26 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
 
         atomic_write_bytes(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
     return {**summary, "summary_written": write}
+
+
+@contextlib.contextmanager
+def _term_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM (a scheduler's or torchrun's stop) taken like Ctrl-C: as KeyboardInterrupt in the main
+    thread, so the finished images get recorded; yields [the signal that stopped it, SIGINT until then]."""
+    stopped = [signal.SIGINT]
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def handler(signum, frame):
+        stopped[0] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _merge_ranks(world, folder: Folder, stats: dict, kept: int, parity: dict, seconds: float):
