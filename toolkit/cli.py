@@ -145,7 +145,7 @@ def cli() -> None:
 @cli.command()
 @click.option("--data", default="mnist", show_default=True,
               help="mnist, synthetic, or a path: IDX file (.gz or raw), image folder, .npy/.npz.")
-@click.option("--data-count", type=int, default=None, help="Use at most this many images (synthetic: render this many).")
+@click.option("--data-count", type=int, default=None, help="Use the first N images, in file order (a folder: sorted paths; synthetic: render N).")
 @click.option("--recipe", type=click.Choice(["default", "tutorial"]), default="default", show_default=True,
               help="default: the stabilised recipe; tutorial: the seed model exactly as the tutorial trained it.")
 @click.option("--arch", type=click.Choice(["seed", "dcgan"]), default=None, help="Architecture [default: dcgan].")
@@ -515,7 +515,7 @@ def classifier_group() -> None:
 @classifier_group.command("train")
 @click.option("--data", default="mnist", show_default=True,
               help="Labelled digits: mnist, synthetic, an IDX file with its labels beside it, digit-named folders, .npz.")
-@click.option("--count", type=int, default=None, help="Use at most this many images (synthetic: render this many).")
+@click.option("--count", type=int, default=None, help="Use the first N images, in file order (a folder: sorted paths; synthetic: render N).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CLASSIFIER, show_default=True)
 @click.option("--epochs", type=int, default=6, show_default=True)
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Share held out to measure accuracy.")

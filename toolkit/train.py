@@ -131,8 +131,9 @@ class Trainer:
 
     def _loss(self, logits: torch.Tensor, target: float) -> torch.Tensor:
         t = torch.full_like(logits, target, dtype=torch.float32)
-        if self.config.loss == "bce":
-            return F.binary_cross_entropy(torch.sigmoid(logits.float()), t)
+        if self.config.loss == "bce":  # outside autocast, which refuses BCELoss on CUDA (fp32 here anyway)
+            with torch.autocast(self.device.type, enabled=False):
+                return F.binary_cross_entropy(torch.sigmoid(logits.float()), t)
         return F.binary_cross_entropy_with_logits(logits.float(), t)
 
     def train_step(self, x: torch.Tensor, *, stop: bool = False) -> dict[str, float]:
@@ -626,8 +627,11 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
             order = epoch_order(cfg.seed, t.epoch, len(images), t.world)
             batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                        for i in range(t.batch_in_epoch, steps_per_epoch)][: total - t.step]
+            # its own generator: a loader would draw its workers' base seed from torch's global RNG, which
+            # a resume (one loader more, mid-epoch) would leave in another state than a straight run
             loader = torch.utils.data.DataLoader(_Batches(images), sampler=batches, batch_size=None,
-                                                 num_workers=cfg.workers, pin_memory=pin)
+                                                 num_workers=cfg.workers, pin_memory=pin,
+                                                 generator=torch.Generator().manual_seed(cfg.seed))
             for x in loader:
                 figures = t.train_step(x.to(t.device, non_blocking=True), stop=stop["signum"] is not None)
                 stopping = figures.pop("stop")
