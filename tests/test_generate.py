@@ -487,9 +487,37 @@ def test_ctrl_c_or_sigterm_says_how_many_images_are_kept_and_the_same_command_co
     assert proc.returncode == 128 + signum, err
     kept = int(re.search(r"interrupted: (\d+) of 3000 images are in", err).group(1))
     assert 0 < kept < 3000 and len(err.strip().splitlines()) == 1, err
-    assert len(json.loads((out / "manifest.json").read_text())["files"]) == kept  # recorded, not just on disk
+    assert len(json.loads((out / "manifest.json").read_text())["files"]) == kept == len(pngs(out))  # all recorded
     doc = json.loads(gen(exported["onnx"], out, *args, "--json").stdout)
     assert (doc["unchanged"], doc["written"]) == (kept, 3000 - kept)
+
+
+@pytest.mark.parametrize("where", ["parity_check", "write_grid"])
+def test_sigterm_before_or_after_the_images_is_exit_143_and_one_line(exported, tmp_path, monkeypatch, where):
+    import gantk.generate as G
+
+    def stopped(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    def unhandled(signum, frame):
+        raise RuntimeError("gantk left SIGTERM to the default handler here")
+
+    monkeypatch.setattr(G, where, stopped)
+    out, previous = tmp_path / "d", signal.signal(signal.SIGTERM, unhandled)  # would kill pytest otherwise
+    try:
+        r = gen(exported["onnx"], out, "--count", "20", "--grid", code=143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if where == "parity_check":
+        assert r.stderr.strip() == "gantk: interrupted before any image was written" and not out.exists()
+    else:
+        assert "interrupted: 20 of 20 images are in" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert len(json.loads((out / "manifest.json").read_text())["files"]) == 20
+        assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+    doc = json.loads(gen(exported["onnx"], out, "--count", "20", "--grid", "--json").stdout)
+    assert doc["written"] + doc["unchanged"] == 20 and (out / "summary.json").exists()
 
 
 def test_an_npy_folder_of_several_runs_loads_one_image_per_index(exported, tmp_path):

@@ -658,13 +658,15 @@ def executor(workers: int, images: int) -> Executor:
 
 
 def _worker_init(parent: int) -> None:
-    """Ignore Ctrl-C and SIGTERM (sent to the process group, the main process stops the pool and records
-    what the workers finished); die with the main process, so a killed run leaves no worker writing
-    behind the re-run that resumes it (Linux: PR_SET_PDEATHSIG)."""
+    """Out of the job's process group and deaf to Ctrl-C: a signal to the group (a terminal's Ctrl-C, a
+    scheduler's SIGTERM) reaches the main process alone, which stops the pool after recording what the
+    workers finished (the pool's own SIGTERM, sent to a worker itself, still ends it); and die with the
+    main process, so a killed run leaves no worker writing behind the re-run that resumes it (Linux:
+    PR_SET_PDEATHSIG)."""
     import ctypes
 
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -761,12 +763,13 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
     def settle(block: bool) -> None:
         while pending and (block or pending[0].done() or len(pending) > queued):
             with timing("png_wait"):
-                done, busy, cpu = pending.popleft().result()
-            timing["png_writers"] += busy
-            timing["workers_cpu"] += cpu
+                done, busy, cpu = pending[0].result()
             for i, name, sha, wrote in done:
                 folder.files[i] = {"file": name, "sha256": sha}
                 stats["written" if wrote else "unchanged"] += 1
+            pending.popleft()  # only now: an interrupt before this line leaves the chunk to be recorded
+            timing["png_writers"] += busy
+            timing["workers_cpu"] += cpu
             progress({"event": "written", "n": len(done)})
 
     try:
@@ -789,12 +792,14 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
 
 
 def _settle_after_failure(pending: collections.deque, folder: Folder, pool: Executor) -> None:
-    """Interrupted: record what the writers finished, so the manifest never lags behind the disk."""
+    """Interrupted: record what the writers finished, so the manifest never lags behind the disk. Under
+    torchrun every rank records its own (the flush takes in the others' under the folder's lock)."""
     pool.shutdown(wait=True, cancel_futures=True)
     for fut in pending:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             for i, name, sha, _ in fut.result()[0]:
                 folder.files[i] = {"file": name, "sha256": sha}
+    folder.writer = True
     folder.flush()
 
 
@@ -876,7 +881,10 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
         req = dataclasses.replace(req, shard=(world.rank, world.size))
     created = distributed.init(world, "cpu")
     try:
-        return _generate(req, model, backend, provider, (threads, streams), progress or (lambda ev: None), world)
+        with _sigterm_as_interrupt():
+            return _generate(req, model, backend, provider, (threads, streams), progress or (lambda ev: None), world)
+    except KeyboardInterrupt as e:  # before the first image (`_write` handles the rest)
+        raise Interrupted("interrupted before any image was written", getattr(e, "signum", signal.SIGINT)) from None
     finally:
         distributed.shutdown(created)
 
@@ -934,55 +942,60 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
     progress({"event": "start", "total": len(req.indices()), "done": kept})
     t0, cpu0, timing = time.perf_counter(), time.process_time(), Timing()
     try:
-        with _term_as_interrupt() as stopped_by:
-            if req.fmt == "png":
-                stats = write_pngs(be, req, folder, todo, pool, progress, timing) if todo else {"written": 0, "unchanged": 0}
-                stats["generated"] = len(todo)
-            else:
-                stats = write_npy(be, req, folder, pool, progress, timing)
-    except KeyboardInterrupt:  # the writers' finished files are in the manifest (write_pngs saw to it)
+        if req.fmt == "png":
+            stats = write_pngs(be, req, folder, todo, pool, progress, timing) if todo else {"written": 0, "unchanged": 0}
+            stats["generated"] = len(todo)
+        else:
+            stats = write_npy(be, req, folder, pool, progress, timing)
+        seconds = time.perf_counter() - t0
+        # CPU seconds of the timed phase, this process's threads and the worker processes' together
+        timing["cpu"] = time.process_time() - cpu0 + (timing["workers_cpu"] if isinstance(pool, ProcessPoolExecutor) else 0)
+        stats["timing"] = timing.report()  # under torchrun the summary keeps rank 0's
+        if world.active:
+            stats, kept, parity, seconds = _merge_ranks(world, folder, stats, kept, parity, seconds)
+            if not world.main:
+                return {"rank": world.rank, **stats}
+            req = dataclasses.replace(req, shard=(0, 1))
+        changed = folder.flush() or changed or stats["written"] > 0 or removed > 0
+        progress({"event": "end"})
+        summary = _summary(be, req, folder, parity, stats, kept, stats["generated"], seconds, removed)
+        if req.grid:
+            summary["grid"] = write_grid(req, folder, array=stats.get("file"))
+        write = changed or not (out / SUMMARY).is_file()
+        if write:
+            from .checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
+    except KeyboardInterrupt as e:  # the writers' finished files are in the manifest (write_pngs saw to it)
+        folder.writer = True
+        folder.flush()  # a stop after writing: the last images too
         done = sum(i in folder.files for i in req.indices()) if req.fmt == "png" else 0
         whose = f" of rank {world.rank}'s shard" if world.active else ""
         raise Interrupted(f"interrupted: {done} of {len(req.indices())} images{whose} are in {out}; the same "
-                          f"command writes the rest", stopped_by[0]) from None
-    seconds = time.perf_counter() - t0
-    # CPU seconds of the timed phase, this process's threads and the worker processes' together
-    timing["cpu"] = time.process_time() - cpu0 + (timing["workers_cpu"] if isinstance(pool, ProcessPoolExecutor) else 0)
-    stats["timing"] = timing.report()  # under torchrun the summary keeps rank 0's
-    if world.active:
-        stats, kept, parity, seconds = _merge_ranks(world, folder, stats, kept, parity, seconds)
-        if not world.main:
-            return {"rank": world.rank, **stats}
-        req = dataclasses.replace(req, shard=(0, 1))
-    changed = folder.flush() or changed or stats["written"] > 0 or removed > 0
-    progress({"event": "end"})
-    summary = _summary(be, req, folder, parity, stats, kept, stats["generated"], seconds, removed)
-    if req.grid:
-        summary["grid"] = write_grid(req, folder, array=stats.get("file"))
-    write = changed or not (out / SUMMARY).is_file()
-    if write:
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
+                          f"command writes the rest", getattr(e, "signum", signal.SIGINT)) from None
     return {**summary, "summary_written": write}
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken like Ctrl-C; `signum` gives the exit code."""
+
+    signum = signal.SIGTERM
+
+
 @contextlib.contextmanager
-def _term_as_interrupt() -> Iterator[list[int]]:
-    """SIGTERM (a scheduler's or torchrun's stop) taken like Ctrl-C: as KeyboardInterrupt in the main
-    thread, so the finished images get recorded; yields [the signal that stopped it, SIGINT until then]."""
-    stopped = [signal.SIGINT]
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's or torchrun's stop) raised in the main thread as `_Terminated`, so that a
+    stopped run records its finished images as after Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
-        yield stopped
+        yield
         return
 
     def handler(signum, frame):
-        stopped[0] = signum
-        raise KeyboardInterrupt
+        raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield stopped
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
