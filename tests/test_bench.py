@@ -86,6 +86,21 @@ def test_wrong_fold_fails_parity(dtype, monkeypatch):
     assert not parity.ok
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_useful_flops_count_only_the_products_that_reach_the_output(transposed):
+    import torch.nn.functional as F
+
+    from gantk import models
+
+    for k, stride, pad, n in [(4, 2, 1, 4), (4, 2, 1, 16), (5, 1, 0, 6), (5, 1, 2, 7), (3, 2, 1, 9)]:
+        x, w = torch.ones(1, 1, n, n), torch.ones(1, 1, k, k)  # each output sums the products that reach it
+        y = (F.conv_transpose2d if transposed else F.conv2d)(x, w, stride=stride, padding=pad)
+        assert models._taps(n, y.shape[-1], k, stride, pad, transposed=transposed) ** 2 == y.sum()
+    seed, dcgan = models.flops_per_image(models.seed_generator()), models.flops_per_image(models.dcgan_generator())
+    assert round(seed["useful"] / 1e6, 1) == 73.8 and round(seed["padded"] / 1e6, 1) == 132.3  # the 74, 132
+    assert round(dcgan["useful"] / 1e6, 1) == 28.9  # 34.9 if the taps the padding crops were counted
+
+
 @pytest.fixture(scope="module")
 def checkpoint(trained_run) -> Path:
     return trained_run / "checkpoints" / "last.pt"

@@ -399,10 +399,12 @@ def _rows(routes, runners, rates, peak, noise, useful, batch_sizes) -> list[dict
     for i, r in enumerate(routes):
         figures = parity(runners[(i, big)](noise[big]), ref)
         for bs in batch_sizes:
-            rate = rates[(i, bs)]
-            top = peak.get(("bf16" if r.precision == "bf16" else "fp32", r.threads * r.streams))
+            rate, dtype = rates[(i, bs)], "bf16" if r.precision == "bf16" else "fp32"
+            streams = min(r.streams, bs)  # a batch smaller than the streams runs in fewer (backends.in_streams)
+            # n streams of t threads against the better of one n*t-thread matmul and n times a t-thread one
+            top = max(peak.get((dtype, r.threads * streams), 0.0), streams * peak.get((dtype, r.threads), 0.0)) or None
             rows.append({"route": r.name, "precision": r.precision, "device": r.device, "threads": r.threads,
-                         "streams": r.streams,
+                         "streams": streams,
                          "batch": bs, "images_per_s": round(rate, 1), "gflops": round(rate * useful / 1e9, 2),
                          "peak_share": round(rate * useful / 1e9 / top, 4) if top else None,
                          "peak_dtype": ("bf16" if r.precision == "bf16" else "fp32") if top else None,

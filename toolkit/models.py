@@ -176,8 +176,18 @@ def ema_update(ema: Generator, g: Generator, decay: float) -> None:
         be.copy_(bg)
 
 
+def _taps(n_in: int, n_out: int, k: int, stride: int, pad: int, *, transposed: bool) -> int:
+    """(input position, kernel tap) pairs along one axis that join a real input value to an output."""
+    if transposed:  # input i, tap t -> output i * stride - pad + t
+        return sum(0 <= i * stride - pad + t < n_out for i in range(n_in) for t in range(k))
+    return sum(0 <= o * stride - pad + t < n_in for o in range(n_out) for t in range(k))
+
+
 def flops_per_image(g: Generator) -> dict[str, float]:
-    """Multiply-adds x2 of every (transposed) convolution for one image: useful and padded."""
+    """Multiply-adds x2 of every (transposed) convolution for one image. Useful: the products of a real
+    input value and a weight that land in the output (a strided transposed conv's padding crops some:
+    the dcgan's 28.9 MFLOP against 34.9 for every tap). Padded: what a transposed conv costs run as a
+    conv over its zero-padded (and, when strided, zero-interleaved) input."""
     useful = padded = 0.0
     hooks = []
 
@@ -186,12 +196,11 @@ def flops_per_image(g: Generator) -> dict[str, float]:
         cin, h_in, w_in = inp[0].shape[1:]
         cout, h_out, w_out = out.shape[1:]
         kh, kw = m.kernel_size
-        if isinstance(m, nn.ConvTranspose2d):
-            useful += 2 * cin * cout * kh * kw * h_in * w_in
-            padded += 2 * cin * cout * kh * kw * h_out * w_out
-        else:
-            useful += 2 * cin * cout * kh * kw * h_out * w_out
-            padded += 2 * cin * cout * kh * kw * h_out * w_out
+        transposed = isinstance(m, nn.ConvTranspose2d)
+        taps = [_taps(n_in, n_out, k, s, p, transposed=transposed) for n_in, n_out, k, s, p in
+                zip((h_in, w_in), (h_out, w_out), (kh, kw), m.stride, m.padding)]
+        useful += 2 * cin * cout // m.groups * taps[0] * taps[1]
+        padded += 2 * cin * cout // m.groups * kh * kw * h_out * w_out
 
     for m in g.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
