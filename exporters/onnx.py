@@ -43,6 +43,8 @@ def export(source: Source | str | Path, out: str | Path, *, opset: int | None = 
     src = as_source(source)
     out = destination(out, suffix=SUFFIX)
     t0 = time.perf_counter()
+    if dtype != "fp32":
+        validate.check_rewrite(_module(src.generator, "fp32"), src.generator, what=f"ONNX export ({dtype})")
     with staged(out) as tmp:
         _save(_build(src, opset=opset, dtype=dtype), tmp)
         parity = validate.compare(_runner(tmp), src.generator, atol=atol)

@@ -48,6 +48,9 @@ def export(source: Source | str | Path, out: str | Path, *, opset: int | None = 
         log.warning("this CPU has neither AVX512-BF16 nor AMX: the bf16 export is validated in emulated bf16, "
                     "slowly; it runs fast only on CPUs that have them")
     t0 = time.perf_counter()
+    if dtype != "fp32":
+        validate.check_rewrite(channels_last(src.generator.cpu(), dtype="fp32"), src.generator,
+                               what=f"TorchScript export ({dtype})")
     with staged(out) as tmp:
         _save(_build(src, dtype), tmp, metadata(src, dtype=dtype, versions=versions("torch")))
         parity = validate.compare(_runner(tmp), src.generator, atol=atol)

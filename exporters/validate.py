@@ -102,6 +102,21 @@ def compare(run: Runner, generator, *, atol: float, batch_sizes: tuple[int, ...]
                   consistency, atol, time.perf_counter() - t0, per_batch)
 
 
+def check_rewrite(module, generator, *, what: str) -> None:
+    """VerificationError unless a reduced-precision export's rewrites (BatchNorm folded, convs rewritten),
+    run in fp32, match the eager generator at fp32's tolerance: rounding can hide a wrong rewrite inside
+    fp16's or bf16's looser bound (a fold without its shift passed bf16's 4e-2 on a young seed model,
+    whose outputs spanned 0.04)."""
+    import torch
+
+    def run(z: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(z)).numpy()
+
+    parity = compare(run, generator, atol=TOLERANCE["fp32"], batch_sizes=(max(BATCH_SIZES),))
+    require(parity, what=f"{what}: its rewrite, run in fp32,")
+
+
 def require(parity: Parity, *, what: str) -> None:
     """VerificationError with the figures when `parity` is beyond tolerance."""
     if not parity.ok:

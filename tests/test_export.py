@@ -228,6 +228,34 @@ def test_torchscript_bf16_with_a_wrong_fold_fails(tmp_path, monkeypatch):
     assert not (tmp_path / "bad.pt").exists()
 
 
+@pytest.mark.parametrize("fmt, dtype", [("onnx", "fp16"), ("torchscript", "bf16")])
+def test_a_wrong_rewrite_fails_a_reduced_precision_export_whatever_its_atol(tmp_path, monkeypatch, fmt, dtype):
+    """Rounding must not hide a wrong rewrite: it is checked in fp32 first, at fp32's tolerance."""
+    import torch
+
+    from gantk.errors import VerificationError
+    from gantk.exporters import fold
+    from gantk.models import build
+
+    torch.manual_seed(0)
+    g, _ = build("dcgan")
+    for m in g.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    src, merge = Source.from_generator(g.eval(), arch="dcgan"), fold._merge
+
+    def no_shift(conv, bn):
+        merged = merge(conv, bn)
+        merged.bias = torch.nn.Parameter(torch.zeros_like(merged.bias), requires_grad=False)
+        return merged
+
+    monkeypatch.setattr(fold, "_merge", no_shift)
+    with pytest.raises(VerificationError, match="its rewrite, run in fp32, does not match"):
+        EXPORTERS[fmt](src, tmp_path / f"bad.{'onnx' if fmt == 'onnx' else 'pt'}", dtype=dtype, atol=10.0)
+    assert not list(tmp_path.iterdir())
+
+
 def test_perturbed_weight_fails_and_keeps_existing_out(ckpt, tmp_path, monkeypatch):
     """One weight of the exported graph nudged by 0.01: exit 4 with the figures, the old file untouched."""
     import onnx.numpy_helper as nh
