@@ -152,13 +152,15 @@ def _torchscript(path: Path, threads: int) -> Runner:
 # ------------------------------------------------------------------------------------------ timing
 
 
-def _rate(run: Runner, z: np.ndarray) -> float:
-    """images/s of `run` on batch `z`, over at least MIN_IMAGES images."""
+def _rate(run: Runner, z: np.ndarray) -> tuple[float, float]:
+    """images/s of `run` on batch `z`, over at least MIN_IMAGES images, and the CPU it took (this process's
+    threads), in core-us per image."""
     calls = max(1, -(-MIN_IMAGES // len(z)))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(calls):
         run(z)
-    return calls * len(z) / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return calls * len(z) / wall, cpu / (calls * len(z)) * 1e6
 
 
 def matmul_peaks(threads: int) -> dict[str, Callable[[], float]]:
@@ -219,8 +221,9 @@ def interleaved(runners: dict[tuple[int, int], Runner], noise: dict[int, np.ndar
                 progress: Progress) -> tuple[dict, dict]:
     """Warm up everything, then `repeats` rounds each timing every (route, batch) and every peak once.
 
-    Routes: the median over repeats. Peaks: the best over repeats, so a neighbour's burst during one
-    matmul cannot lower the bar (a share of peak is then, if anything, understated)."""
+    Routes: the median over repeats (rate, and CPU per image). Peaks: the best over repeats, so a
+    neighbour's burst during one matmul cannot lower the bar (a share of peak is then, if anything,
+    understated)."""
     keys = list(runners)
     for (p, bs), run in runners.items():
         run(noise[bs])
@@ -236,7 +239,9 @@ def interleaved(runners: dict[tuple[int, int], Runner], noise: dict[int, np.ndar
             rates[key].append(_rate(runners[key], noise[key[1]]))
         for key, fn in peaks.items():
             peak[key].append(fn())
-    return ({k: float(np.median(v)) for k, v in rates.items()}, {k: float(max(v)) for k, v in peak.items()})
+    return ({k: float(np.median([rate for rate, _ in v])) for k, v in rates.items()},
+            {k: float(np.median([cpu for _, cpu in v])) for k, v in rates.items()},
+            {k: float(max(v)) for k, v in peak.items()})
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -363,9 +368,9 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
     runners = {(i, bs): r.build(bs) for i, r in enumerate(routes) for bs in batch_sizes}
     cores = sorted(set(threads) | {r.threads * r.streams for r in routes})
     peaks = {(dt, t): fn for t in cores for dt, fn in matmul_peaks(t).items()}
-    rates, peak = interleaved(runners, noise, peaks, repeats=repeats, progress=progress)
+    rates, cpu, peak = interleaved(runners, noise, peaks, repeats=repeats, progress=progress)
     measured, peak = peak, peak_envelope(peak)
-    rows = _rows(routes, runners, rates, peak, noise, flops["useful"], batch_sizes)
+    rows = _rows(routes, runners, rates, cpu, peak, noise, flops["useful"], batch_sizes)
     doc = {"machine": machine(), "checkpoint": str(ckpt), "onnx": str(files["onnx"]), "arch": _arch(ckpt),
            "flops_per_image": flops, "batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads,
            "peaks_gflops": {f"{dt}@{t}": round(v, 1) for (dt, t), v in peak.items()},
@@ -392,7 +397,7 @@ def _arch(ckpt: Path) -> str:
     return load(ckpt)["config"]["arch"]
 
 
-def _rows(routes, runners, rates, peak, noise, useful, batch_sizes) -> list[dict[str, Any]]:
+def _rows(routes, runners, rates, cpu, peak, noise, useful, batch_sizes) -> list[dict[str, Any]]:
     big = max(batch_sizes)
     ref = runners[(0, big)](noise[big])
     rows = []
@@ -406,6 +411,7 @@ def _rows(routes, runners, rates, peak, noise, useful, batch_sizes) -> list[dict
             rows.append({"route": r.name, "precision": r.precision, "device": r.device, "threads": r.threads,
                          "streams": streams,
                          "batch": bs, "images_per_s": round(rate, 1), "gflops": round(rate * useful / 1e9, 2),
+                         "core_us_per_image": round(cpu[(i, bs)], 1),
                          "peak_share": round(rate * useful / 1e9 / top, 4) if top else None,
                          "peak_dtype": ("bf16" if r.precision == "bf16" else "fp32") if top else None,
                          "note": r.note, **figures})
@@ -495,12 +501,12 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _cpu_budget(e: dict, pure: dict | None) -> dict[str, Any] | None:
     """Where an end-to-end run's CPU went, in core-us per image, against the 90% target: with every core
-    busy, 90% of the pure rate leaves (cores / 0.9 / pure rate) less what inference alone takes (its
-    threads x streams busy at the pure rate) for everything else: noise, PNGs, the pipeline."""
+    busy, 90% of the pure rate leaves (cores / 0.9 / pure rate) less what inference alone takes (the CPU
+    its pure row measured) for everything else: noise, PNGs, the pipeline."""
     if not (pure and e.get("cpu_s") and e.get("seconds")):
         return None
     per_image, busy = _cpu_figures(e)
-    inference = e["threads"] * e["streams"] / pure["images_per_s"] * 1e6
+    inference = pure.get("core_us_per_image") or e["threads"] * e["streams"] / pure["images_per_s"] * 1e6
     return {"core_us_per_image": round(per_image, 1),
             "workers_core_us_per_image": round(e["timing"]["workers_cpu"] / e["count"] * 1e6, 1),
             "busy": round(busy, 3), "cores": e["cores"],
