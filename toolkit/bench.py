@@ -285,7 +285,7 @@ def seed_style_baseline(g, *, out: Path, count: int) -> dict[str, Any]:
     from .backends import cores
 
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)  # torch's own default, as the seed project ran
+    torch.set_num_threads(cores())  # torch's own default (the cores this process may use), as the seed ran
     torch.manual_seed(0)
     t0, cpu0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
@@ -295,7 +295,7 @@ def seed_style_baseline(g, *, out: Path, count: int) -> dict[str, Any]:
             for k, p in enumerate(px):
                 Image.fromarray(np.ascontiguousarray(p), "L").save(out / f"{lo + k:06d}.png")
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {"backend": "seed-style baseline", "format": "png", "count": count, "threads": os.cpu_count(),
+    return {"backend": "seed-style baseline", "format": "png", "count": count, "threads": cores(),
             "batch_size": BASELINE_BATCH, "seconds": round(seconds, 3), "wall_s": round(seconds, 3),
             "cpu_s": round(cpu, 3), "cores": cores(), "images_per_s": round(count / seconds, 1), "parity": "n/a"}
 

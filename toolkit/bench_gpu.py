@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -268,7 +267,9 @@ def gpu_end_to_end(files: dict[str, Path], checkpoint: Path, work: Path, *, coun
 
     from .generate import Request, generate
 
-    cores = os.cpu_count() or 1
+    from .backends import cores as usable
+
+    cores = usable()
     writers = writers or tuple(sorted({2, max(2, cores // 2), max(2, cores - 1)}))
     onnx_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     model, backend = (files["onnx"], "onnxruntime") if onnx_cuda else (checkpoint, "torch")
