@@ -142,8 +142,8 @@ def cpu_plan(kind: str, threads: int | None, streams: int | None, *, fmt: str = 
     for `.npy` (no PNGs to write; at most MAX_STREAMS), `png_streams()` for PNGs (streams change no
     byte). The torch backends keep `default_threads()` intra-op threads for every format: in bf16 their
     sums depend on the thread count (1e-4), and npy must hold the PNGs' pixels. Streams use the
-    cores better than intra-op threads: on the 2-core CPU, 2 streams of 1 thread ran at 79-88% of the
-    2-thread fp32 matmul peak, 1 stream of 2 threads at 52-62% (2026-11-30, BENCHMARKS.md); generate
+    cores better than intra-op threads: on the 2-core CPU, 2 streams of 1 thread ran 1.4-1.5x as fast as
+    1 stream of 2 threads (2026-11-30 and 12-01, BENCHMARKS.md); generate
     --count 10000 --format npy 3,734 against 2,486-2,575 img/s. Only measured on 2 cores. `--threads`
     alone means one stream of that many threads."""
     for name, v in (("--threads", threads), ("--streams", streams)):
