@@ -197,12 +197,10 @@ def test_torchscript_bf16_validates_beside_the_fp32_exports(ckpt, run_dir, ts_ex
     assert out.stat().st_size < 0.75 * ts_export[0].stat().st_size  # bf16 weights
 
 
-def test_torchscript_bf16_with_a_wrong_fold_fails(tmp_path, monkeypatch):
-    """BatchNorm folded without its shift, on the default architecture with non-trivial statistics."""
+def _dcgan_with_batchnorm_statistics() -> Source:
+    """The default architecture with non-trivial BatchNorm statistics, so that folding has something to get wrong."""
     import torch
 
-    from gantk.errors import VerificationError
-    from gantk.exporters import fold
     from gantk.models import build
 
     torch.manual_seed(0)
@@ -212,9 +210,14 @@ def test_torchscript_bf16_with_a_wrong_fold_fails(tmp_path, monkeypatch):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.bias.data.uniform_(-0.2, 0.2)
-    src = Source.from_generator(g.eval(), arch="dcgan")
-    right = EXPORTERS["torchscript"](src, tmp_path / "ok.pt", dtype="bf16").max_abs_diff
-    assert 1e-4 < right <= TOLERANCE["bf16"]  # rounded like bf16, yet within its tolerance
+    return Source.from_generator(g.eval(), arch="dcgan")
+
+
+def _fold_without_shift(monkeypatch) -> None:
+    import torch
+
+    from gantk.exporters import fold
+
     merge = fold._merge
 
     def no_shift(conv, bn):
@@ -223,6 +226,16 @@ def test_torchscript_bf16_with_a_wrong_fold_fails(tmp_path, monkeypatch):
         return merged
 
     monkeypatch.setattr(fold, "_merge", no_shift)
+
+
+def test_torchscript_bf16_with_a_wrong_fold_fails(tmp_path, monkeypatch):
+    """BatchNorm folded without its shift, on the default architecture with non-trivial statistics."""
+    from gantk.errors import VerificationError
+
+    src = _dcgan_with_batchnorm_statistics()
+    right = EXPORTERS["torchscript"](src, tmp_path / "ok.pt", dtype="bf16").max_abs_diff
+    assert 1e-4 < right <= TOLERANCE["bf16"]  # rounded like bf16, yet within its tolerance
+    _fold_without_shift(monkeypatch)
     with pytest.raises(VerificationError, match="max abs diff"):
         EXPORTERS["torchscript"](src, tmp_path / "bad.pt", dtype="bf16")
     assert not (tmp_path / "bad.pt").exists()
@@ -231,26 +244,10 @@ def test_torchscript_bf16_with_a_wrong_fold_fails(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fmt, dtype", [("onnx", "fp16"), ("torchscript", "bf16")])
 def test_a_wrong_rewrite_fails_a_reduced_precision_export_whatever_its_atol(tmp_path, monkeypatch, fmt, dtype):
     """Rounding must not hide a wrong rewrite: it is checked in fp32 first, at fp32's tolerance."""
-    import torch
-
     from gantk.errors import VerificationError
-    from gantk.exporters import fold
-    from gantk.models import build
 
-    torch.manual_seed(0)
-    g, _ = build("dcgan")
-    for m in g.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    src, merge = Source.from_generator(g.eval(), arch="dcgan"), fold._merge
-
-    def no_shift(conv, bn):
-        merged = merge(conv, bn)
-        merged.bias = torch.nn.Parameter(torch.zeros_like(merged.bias), requires_grad=False)
-        return merged
-
-    monkeypatch.setattr(fold, "_merge", no_shift)
+    src = _dcgan_with_batchnorm_statistics()
+    _fold_without_shift(monkeypatch)
     with pytest.raises(VerificationError, match="its rewrite, run in fp32, does not match"):
         EXPORTERS[fmt](src, tmp_path / f"bad.{'onnx' if fmt == 'onnx' else 'pt'}", dtype=dtype, atol=10.0)
     assert not list(tmp_path.iterdir())
