@@ -121,6 +121,9 @@ def test_npy_npz_and_folder_sources(tmp_path):
         Image.fromarray((arr[i] * 255).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
     assert data.load(str(tmp_path / "a.npy")).images.shape == (4, 32, 32)
     assert data.load(str(tmp_path / "b.npz")).labels.tolist() == [0, 1, 2, 3]
+    np.savez(tmp_path / "c.npz", images=(arr * 255).astype(np.uint8), labels=np.arange(4) + 0.7)
+    with pytest.raises(DataError, match="labels must be whole numbers"):  # not floored into other classes
+        data.load(str(tmp_path / "c.npz"))
     f = data.load(str(tmp_path / "imgs"))
     assert f.images.shape == (3, 32, 32) and f.labels.tolist() == [7, 7, 7]
 
@@ -317,10 +320,33 @@ def test_checkpoints_are_tensors_and_plain_values(trained_run):
         assert key in state
 
 
-def test_keeps_only_the_newest_numbered_checkpoints(tmp_path):
-    s = train(tiny(epochs=3, keep=2), runs_dir=tmp_path)
-    names = sorted(p.name for p in (Path(s["run_dir"]) / "checkpoints").iterdir())
-    assert names == ["last.pt", "step-00000008.pt", "step-00000009.pt"]
+def test_keeps_only_the_newest_numbered_checkpoints_and_the_users_files(tmp_path):
+    first = train(tiny(epochs=3, keep=2, max_steps=3), runs_dir=tmp_path)
+    folder = Path(first["run_dir"]) / "checkpoints"
+    for name in ("step-backup.pt", "step-00000002-good.pt"):  # the user's: sort after and before gantk's
+        (folder / name).write_bytes(b"mine")
+    (folder / ".last.pt.x1y2.tmp").write_bytes(b"cut short by a kill")
+    train(tiny(epochs=3, keep=2), resume=Path(first["checkpoint"]))
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["last.pt", "step-00000002-good.pt", "step-00000008.pt", "step-00000009.pt", "step-backup.pt"]
+
+
+def test_resume_auto_does_not_pass_over_a_newer_run_that_never_saved(tmp_path, trained_run):
+    import shutil
+
+    shutil.copytree(trained_run, tmp_path / "00000-old")
+    r = run_cli("train", "--data", "synthetic", "--data-count", "96", "--arch", "seed", "--max-steps", "2",
+                "--checkpoint-every", "100", "--runs-dir", str(tmp_path), "--run", "new")
+    assert r.exit_code == 0, r.output
+    for p in (tmp_path / "new" / "checkpoints").glob("*.pt"):
+        p.unlink()  # as if killed before its first save
+    before = sorted((tmp_path / "00000-old").rglob("*"))
+    r = run_cli("train", "--resume", "auto", "--runs-dir", str(tmp_path), "--max-steps", "99")
+    assert r.exit_code == 2 and f"the newest run, {tmp_path / 'new'}, stopped before its first checkpoint" in r.stderr
+    assert sorted((tmp_path / "00000-old").rglob("*")) == before
+    r = run_cli("train", "--data", "synthetic", "--data-count", "96", "--arch", "seed", "--runs-dir", str(tmp_path),
+                "--run", "new")
+    assert r.exit_code == 2 and "holds no checkpoint" in r.stderr
 
 
 def test_non_finite_loss_stops_within_one_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -518,7 +544,8 @@ def test_usage_errors_of_any_command_are_one_line_exit_2(args, needle):
     assert "--help'" in r.stderr
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "foreign", "pickle", "torchscript"])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "foreign", "pickle", "function",
+                                     "torchscript"])
 def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, content):
     bad = tmp_path / "bad.pt"
     if content == "torchscript":
@@ -531,6 +558,8 @@ def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, conte
         torch.save({"state_dict": {}}, bad)
     elif content == "pickle":
         torch.save({"kind": "gantk-checkpoint", "x": Path("/")}, bad)
+    elif content == "function":  # a reference to os.system: torch words its refusal differently
+        torch.save({"kind": "gantk-checkpoint", "x": os.system}, bad)
     else:
         bad.write_bytes(content)
     r = run_cli("train", "--resume", str(bad), "--runs-dir", str(tmp_path))
@@ -538,8 +567,8 @@ def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, conte
     assert str(bad) in r.stderr and len(r.stderr.splitlines()) == 1
     if content == "torchscript":
         assert "is a TorchScript file, not a gantk checkpoint" in r.stderr
-    if content == "pickle":
-        assert "it holds pathlib" in r.stderr and "which weights_only=True loading refuses" in r.stderr
+    if content in ("pickle", "function"):
+        assert "it holds " in r.stderr and "which weights_only=True loading refuses" in r.stderr
 
 
 def test_resuming_a_run_from_an_older_checkpoint_in_place_is_refused_and_branches_with_run(tmp_path):

@@ -114,7 +114,7 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle refused by weights_only, not a torch file...
         text = str(e)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
         reason = (f"it holds {refused.group(1)}, which weights_only=True loading refuses" if refused
                   else next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)[:160])
         raise CheckpointError(f"{path}: not a readable {what} ({reason})") from None
@@ -157,6 +157,20 @@ def newest_run(runs_dir: str | Path = "runs") -> Path:
 
 def newest_checkpoint(runs_dir: str | Path = "runs") -> Path:
     return newest_run(runs_dir) / "checkpoints" / "last.pt"
+
+
+def newest_to_resume(runs_dir: str | Path = "runs") -> Path:
+    """`--resume auto`: the newest run's last.pt; UsageError where a newer run stopped before its first
+    save (it cannot be resumed, and continuing an older run instead would surprise)."""
+    last = newest_checkpoint(runs_dir)
+    newer = [p.parent for p in Path(runs_dir).glob("*/config.json")
+             if not (p.parent / "checkpoints" / "last.pt").exists() and p.stat().st_mtime > last.stat().st_mtime]
+    if newer:
+        run = max(newer, key=lambda p: (p / "config.json").stat().st_mtime)
+        raise UsageError(f"--resume auto: the newest run, {run}, stopped before its first checkpoint and cannot "
+                         f"be resumed; give the run to continue (--resume {last.parent.parent}), or move {run} "
+                         f"away and train it again")
+    return last
 
 
 def resolve(path: str | Path) -> Path:

@@ -187,7 +187,7 @@ def cli() -> None:
 @handle_errors
 def train(**o: Any) -> None:
     """Train the digit GAN and write a run folder: checkpoints, samples, metrics.csv, loss.png."""
-    from .checkpoint import newest_checkpoint, resolve
+    from .checkpoint import newest_to_resume, resolve
     from .config import TUTORIAL, TrainConfig
     from .errors import UsageError
     from .train import train as run_training
@@ -209,7 +209,7 @@ def train(**o: Any) -> None:
                                                              if o["eval_every"] else None), **recipe)
     resume = None
     if o["resume"] == "auto":
-        resume = newest_checkpoint(o["runs_dir"])
+        resume = newest_to_resume(o["runs_dir"])
         _echo(f"resume: {resume} (newest run)")
     elif o["resume"]:
         resume = resolve(o["resume"])

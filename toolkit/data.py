@@ -143,7 +143,11 @@ def _load_numpy(path: Path) -> Digits:
             raise DataError(f"{path}: no 'images' (or 'x', 'arr_0') array among {keys}")
         images = obj[key]
         lkey = next((k for k in ("labels", "y", "y_test", "y_train") if k in keys), None)
-        labels = None if lkey is None else obj[lkey].astype(np.int64)
+        labels = None if lkey is None else obj[lkey]
+        if labels is not None and not (np.issubdtype(labels.dtype, np.integer) or np.array_equal(labels, np.round(labels))):
+            raise DataError(f"{path}: labels must be whole numbers (digit classes), got {labels.dtype} "
+                            f"such as {labels.ravel()[0]}")
+        labels = None if labels is None else labels.astype(np.int64)
     else:
         images = obj
     images = _as_uint8(images, path)

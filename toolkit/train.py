@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import random
+import re
 import shlex
 import signal
 import threading
@@ -296,6 +297,9 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
+NUMBERED = re.compile(r"step-(\d+)\.pt")  # the numbered checkpoints `--keep` prunes
+
+
 class RunFolder:
     """Paths and writers of one run folder."""
 
@@ -326,8 +330,11 @@ class RunFolder:
     def create(self, config: TrainConfig, *, continuing: bool = False) -> None:
         """A new run folder; `continuing`: for a resume from a checkpoint kept elsewhere."""
         if self.root.exists() and any(self.root.iterdir()):
+            if not any(self.checkpoints.glob("*.pt")):
+                raise UsageError(f"run folder {self.root} already exists and holds no checkpoint (a run stopped "
+                                 "before its first save cannot be resumed); move it away or choose another --run")
             raise UsageError(f"run folder {self.root} already exists and is not empty; "
-                             "use --resume auto to continue it, or another --run name")
+                             f"use --resume {self.root} to continue it, or another --run name")
         if continuing:
             log.warning("continuing in the new run folder %s: its metrics.csv starts at the resumed step", self.root)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -365,8 +372,9 @@ class RunFolder:
         self.saved = (step, self.last)
         if numbered and keep > 0:
             ckpt.save(state, self.checkpoints / f"step-{step:08d}.pt")
-            for old in sorted(self.checkpoints.glob("step-*.pt"))[:-keep]:
-                old.unlink()
+            numbered_files = [p for p in self.checkpoints.glob("step-*.pt") if NUMBERED.fullmatch(p.name)]
+            for old in sorted(numbered_files, key=lambda p: int(NUMBERED.fullmatch(p.name)[1]))[:-keep]:
+                old.unlink()  # only gantk's own numbered checkpoints: a user's step-backup.pt stays
 
     def save_grid(self, images: torch.Tensor, name: str) -> Path:
         from torchvision.utils import make_grid
@@ -609,6 +617,8 @@ def _prepare_run(config: TrainConfig, run_dir: Path | None, runs_dir: Path, step
     run = RunFolder(run_dir or new_run_dir(runs_dir, config))
     if step and (run.root / "config.json").exists():
         run.truncate_metrics(step)
+        for tmp in run.checkpoints.glob(".*.pt.*.tmp"):  # a save that a kill (SIGKILL, power) cut short
+            tmp.unlink(missing_ok=True)
         return run.root, ""
     made = "files" if run.root.is_dir() else "folder"
     run.create(config, continuing=bool(step))
