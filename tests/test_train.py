@@ -413,6 +413,18 @@ def test_a_second_signal_with_only_best_pt_names_it(tmp_path):
     assert run.best.exists()
 
 
+def test_the_resume_command_of_a_torchrun_run_is_a_torchrun_launch(monkeypatch):
+    """Pasted as printed, a resume of a 2-process run must run 2 processes (exact resume needs them)."""
+    from gantk.train import resume_command
+
+    last, cfg = Path("r/a/checkpoints/last.pt"), TrainConfig(max_steps=20)
+    assert resume_command(last, cfg) == "gantk train --resume r/a/checkpoints/last.pt --max-steps 20"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(last, cfg, world_size=2) == \
+        "torchrun --nproc-per-node 2 -m gantk -- train --resume r/a/checkpoints/last.pt --max-steps 20"
+    assert resume_command(last, cfg, world_size=4).startswith("torchrun <the same launch options> -m gantk -- train")
+
+
 def test_resuming_a_finished_run_trains_nothing_and_touches_nothing(tmp_path, trained_run):
     before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")}
     step = ckpt.load(trained_run / "checkpoints" / "last.pt")["step"]

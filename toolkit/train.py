@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import os
 import random
 import re
 import shlex
@@ -586,20 +587,24 @@ def _unsaved(t: Trainer, run: RunFolder, made: str) -> str:
     step, path = run.saved
     into = run.root if path.resolve().parent != run.checkpoints.resolve() else None
     return (f"{stopped}, unsaved since step {step}; resume with: "
-            f"{resume_command(path, t.config, into=into)}")
+            f"{resume_command(path, t.config, into=into, world_size=t.world.size)}")
 
 
-def resume_command(path: Path, config: TrainConfig, *, into: Path | None = None) -> str:
+def resume_command(path: Path, config: TrainConfig, *, into: Path | None = None, world_size: int = 1) -> str:
     """The command that continues a run from `path` (into the run folder `into`) as far as this call was
-    asked to go, on the same device."""
-    words = ["gantk", "train", "--resume", str(path)]
+    asked to go, on the same device, under torchrun with as many processes (exact resume needs them)."""
+    words, launch = ["gantk", "train", "--resume", str(path)], ""
+    if world_size > 1:  # one node: the whole launch; several: their rendezvous options are the user's
+        single = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size
+        launch = f"torchrun {f'--nproc-per-node {world_size}' if single else '<the same launch options>'} -m gantk -- "
+        words = words[1:]
     if into is not None:
         words += ["--runs-dir", str(into.parent), "--run", into.name]
     if config.max_steps is not None:
         words += ["--max-steps", str(config.max_steps)]
     if config.device != "auto":
         words += ["--device", config.device]
-    return shlex.join(words)
+    return launch + shlex.join(words)
 
 
 def _stored_dtype(state: dict[str, Any]) -> str:
@@ -668,8 +673,8 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
                     _checkpoint(t, run, numbered=t.step % cfg.checkpoint_every == 0 or t.step == total)
                 if stopping:
                     distributed.barrier(t.world)  # nobody exits (and so signals the others) before the save
-                    raise Interrupted(f"stopped at step {t.step}; resume with: {resume_command(run.last, cfg)}",
-                                      stop["signum"] or signal.SIGTERM)
+                    again = resume_command(run.last, cfg, world_size=t.world.size)
+                    raise Interrupted(f"stopped at step {t.step}; resume with: {again}", stop["signum"] or signal.SIGTERM)
 
 
 def _checkpoint(t: Trainer, run: RunFolder, *, numbered: bool) -> None:
