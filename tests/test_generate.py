@@ -473,23 +473,24 @@ def test_killed_run_resumes_byte_identical(exported, tmp_path):
 def test_ctrl_c_or_sigterm_says_how_many_images_are_kept_and_the_same_command_continues(exported, tmp_path,
                                                                                         signum, group):
     out = tmp_path / "cut"
-    args = ["--count", "3000", "--batch-size", "16", "--writers", "1"]
+    args = ["--count", "6000", "--batch-size", "16", "--writers", "1"]  # 6000: time to land mid-run on a busy CI
     cmd = [sys.executable, "-m", "gantk", "generate", "--model", str(exported["onnx"]), "--out", str(out), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group)
     deadline = time.monotonic() + 60
     while len(list(out.glob("*.png"))) < 300 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the signal could land mid-run"
     if group:  # as a scheduler stops a job: the workers get it too
         os.killpg(proc.pid, signum)
     else:
         proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, err
-    kept = int(re.search(r"interrupted: (\d+) of 3000 images are in", err).group(1))
-    assert 0 < kept < 3000 and len(err.strip().splitlines()) == 1, err
+    kept = int(re.search(r"interrupted: (\d+) of 6000 images are in", err).group(1))
+    assert 0 < kept < 6000 and len(err.strip().splitlines()) == 1, err
     assert len(json.loads((out / "manifest.json").read_text())["files"]) == kept == len(pngs(out))  # all recorded
     doc = json.loads(gen(exported["onnx"], out, *args, "--json").stdout)
-    assert (doc["unchanged"], doc["written"]) == (kept, 3000 - kept)
+    assert (doc["unchanged"], doc["written"]) == (kept, 6000 - kept)
 
 
 @pytest.mark.parametrize("where", ["parity_check", "write_grid"])
