@@ -446,14 +446,15 @@ def _alive(pid: int) -> bool:
 
 def test_killed_run_resumes_byte_identical(exported, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    args = ["--count", "3000", "--batch-size", "16", "--writers", "1"]
+    args = ["--count", "6000", "--batch-size", "16", "--writers", "1"]  # time to land mid-run on a busy CI
     gen(exported["onnx"], ref, *args)
     cmd = [sys.executable, "-m", "gantk", "generate", "--model", str(exported["onnx"]), "--out", str(out), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while len(list(out.glob("*.png"))) < 300 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    workers = _children(proc.pid)  # 3000 images: a process pool
+    assert proc.poll() is None, "the run ended before the kill could land mid-run"
+    workers = _children(proc.pid)  # 6000 images: a process pool
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 10
@@ -461,9 +462,9 @@ def test_killed_run_resumes_byte_identical(exported, tmp_path):
         time.sleep(0.05)
     assert workers and not any(map(_alive, workers)), "workers outlived the killed run"
     written = len(list(out.glob("*.png")))
-    assert 0 < written < 3000, "the kill has to land mid-run"
+    assert 0 < written < 6000, "the kill has to land mid-run"
     doc = json.loads(gen(exported["onnx"], out, *args, "--json").stdout)
-    assert (doc["unchanged"], doc["written"]) == (written, 3000 - written)  # every file on disk was whole
+    assert (doc["unchanged"], doc["written"]) == (written, 6000 - written)  # every file on disk was whole
     assert pngs(out) == pngs(ref)
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no temp files left
