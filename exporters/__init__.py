@@ -76,6 +76,18 @@ def _zip_names(path: Path) -> list[str]:
         raise CheckpointError(f"{path}: a PyTorch file cut short or corrupt") from None
 
 
+def check_crcs(path: str | Path, what: str) -> None:
+    """CheckpointError where a member of the PyTorch zip at `path` no longer matches its CRC-32. torch.load
+    and torch.jit.load do not check them, so a bit flipped on disk would load as a wrong weight."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path}: a PyTorch file cut short or corrupt") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: a damaged {what} ({bad} does not match the CRC-32 it was saved with)")
+
+
 def _torchscript_metadata(path: Path) -> dict[str, str]:
     """extra/gantk.json straight from the zip: no torch import, no code run."""
     with zipfile.ZipFile(path) as z:

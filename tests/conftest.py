@@ -34,3 +34,22 @@ def trained_run(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     summary = train(TrainConfig(data="synthetic", data_count=128, epochs=1, log_every=2), runs_dir=runs)
     return Path(summary["run_dir"])
+
+
+@pytest.fixture
+def damage():
+    """damage(src, dst): dst is a copy of the PyTorch zip src with one byte flipped inside its largest
+    member's data (a weight), the archive otherwise intact."""
+    import zipfile
+
+    def flip(src: Path, dst: Path) -> Path:
+        with zipfile.ZipFile(src) as z:
+            big = max(z.infolist(), key=lambda i: i.file_size)
+        data = bytearray(src.read_bytes())
+        name_len, extra_len = (int.from_bytes(data[big.header_offset + o:big.header_offset + o + 2], "little")
+                               for o in (26, 28))  # the local header's own lengths
+        data[big.header_offset + 30 + name_len + extra_len + big.file_size // 2] ^= 0xFF
+        dst.write_bytes(bytes(data))
+        return dst
+
+    return flip

@@ -372,24 +372,27 @@ def test_a_wrong_projection_rewrite_fails_validation(tmp_path, monkeypatch, fmt)
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def _bad_checkpoints(tmp_path: Path, ckpt: Path) -> dict[str, Path]:
+def _bad_checkpoints(tmp_path: Path, ckpt: Path, damage) -> dict[str, Path]:
     import torch
 
+    damaged = damage(ckpt, tmp_path / "damaged.pt")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")
-    return {"missing": tmp_path / "nope.pt", "truncated": truncated, "foreign": foreign, "text": text}
+    return {"missing": tmp_path / "nope.pt", "truncated": truncated, "damaged": damaged, "foreign": foreign,
+            "text": text}
 
 
-def test_bad_checkpoints_exit_2(ckpt, tmp_path):
-    for name, path in _bad_checkpoints(tmp_path, ckpt).items():
+def test_bad_checkpoints_exit_2(ckpt, tmp_path, damage):
+    for name, path in _bad_checkpoints(tmp_path, ckpt, damage).items():
         out = tmp_path / f"{name}.onnx"
         r = _export(["--checkpoint", str(path), "--out", str(out)])
         assert r.exit_code == 2, (name, r.output)
         assert str(path) in r.stderr and r.stderr.count("\n") == 1, (name, r.stderr)
+        assert name != "damaged" or "does not match the CRC-32" in r.stderr, r.stderr
         assert not out.exists()
 
 
@@ -484,7 +487,7 @@ def test_info_onnx_human_and_json(onnx_export):
     assert r.exit_code == 0 and "kind: onnx" in r.stderr and "gantk-generator" in r.stderr
 
 
-def test_info_and_read_metadata_reject_non_gantk_files(ckpt, tmp_path):
+def test_info_and_read_metadata_reject_non_gantk_files(ckpt, tmp_path, damage):
     import onnx
     from onnx import helper
 
@@ -494,7 +497,7 @@ def test_info_and_read_metadata_reject_non_gantk_files(ckpt, tmp_path):
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
                                                   [helper.make_tensor_value_info("y", 1, [1])])), str(plain))
-    bad = {**_bad_checkpoints(tmp_path, ckpt), "plain_onnx": plain}
+    bad = {**_bad_checkpoints(tmp_path, ckpt, damage), "plain_onnx": plain}
     for name, path in bad.items():
         r = CliRunner().invoke(cli, ["info", str(path)])
         assert r.exit_code == 2 and str(path) in r.stderr and r.stderr.count("\n") == 1, (name, r.output)

@@ -729,10 +729,14 @@ def test_non_gantk_models_exit_2(exported, tmp_path):
     ("onnx", ["--backend", "torch"], "an ONNX model takes --backend onnxruntime"),
     ("truncated", [], "cut short or corrupt"), ("truncated", ["--backend", "torch"], "cut short or corrupt"),
     ("empty", [], "empty file"),
+    ("damaged", ["--backend", "torchscript"], "a damaged TorchScript file ("),
+    ("damaged_ckpt", ["--backend", "torch"], "a damaged gantk checkpoint ("),
 ])
-def test_a_model_file_of_another_kind_is_named_with_the_backend_that_takes_it(exported, tmp_path, model, args,
-                                                                                 needle):
-    files = dict(exported, truncated=tmp_path / "cut.pt", empty=tmp_path / "empty.onnx")
+def test_a_model_file_of_another_kind_is_named_with_the_backend_that_takes_it(exported, tmp_path, damage, model,
+                                                                                 args, needle):
+    files = dict(exported, truncated=tmp_path / "cut.pt", empty=tmp_path / "empty.onnx",
+                 damaged=damage(exported["pt"], tmp_path / "damaged.pt"),
+                 damaged_ckpt=damage(exported["ckpt"], tmp_path / "damaged-ckpt.pt"))
     files["truncated"].write_bytes(exported["ckpt"].read_bytes()[:5000])
     files["empty"].write_bytes(b"")
     r = gen(files[model], tmp_path / "o", *args, code=2)

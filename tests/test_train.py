@@ -557,10 +557,12 @@ def test_usage_errors_of_any_command_are_one_line_exit_2(args, needle):
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "foreign", "pickle", "function",
-                                     "torchscript"])
-def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, content):
+                                     "torchscript", "damaged"])
+def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, damage, content):
     bad = tmp_path / "bad.pt"
-    if content == "torchscript":
+    if content == "damaged":  # torch.load itself would read it, with one weight changed
+        damage(trained_run / "checkpoints" / "last.pt", bad)
+    elif content == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
             torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(bad))
@@ -581,6 +583,20 @@ def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, conte
         assert "is a TorchScript file, not a gantk checkpoint" in r.stderr
     if content in ("pickle", "function"):
         assert "it holds " in r.stderr and "which weights_only=True loading refuses" in r.stderr
+    if content == "damaged":
+        assert "a damaged gantk checkpoint (archive/data/" in r.stderr and "does not match the CRC-32" in r.stderr
+
+
+def test_a_damaged_last_pt_names_the_newest_other_checkpoint_which_resumes_in_place(tmp_path, damage):
+    run_cli("train", "--data", "synthetic", "--data-count", "128", "--arch", "seed", "--epochs", "3",
+            "--checkpoint-every", "2", "--runs-dir", str(tmp_path), "--run", "a", "-q")
+    last, newest = tmp_path / "a" / "checkpoints" / "last.pt", tmp_path / "a" / "checkpoints" / "step-00000012.pt"
+    damage(last, last)
+    r = run_cli("train", "--resume", "auto", "--runs-dir", str(tmp_path), "--epochs", "4")
+    assert r.exit_code == 2 and "a damaged gantk checkpoint" in r.stderr, r.output
+    assert r.stderr.rstrip().endswith(f"the newest other checkpoint there: --resume {newest}")
+    r = run_cli("train", "--resume", str(newest), "--runs-dir", str(tmp_path), "--epochs", "4", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["steps"] == 16, r.output
 
 
 def test_resuming_a_run_from_an_older_checkpoint_in_place_is_refused_and_branches_with_run(tmp_path):

@@ -418,12 +418,14 @@ def _torch_runner(module, device: str, batch: int, latent: tuple[int, ...], thre
 def _open_torchscript(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
     import torch
 
+    from .exporters import check_crcs
     from .exporters.torchscript import _quiet_jit
 
     # the device before loading: a frozen module's weights are constants, which only map_location moves
     # (Module.to finds no parameters to move)
     device = _torch_device(provider)
     extra = {"gantk.json": ""}
+    check_crcs(path, "TorchScript file")
     try:
         with _quiet_jit():  # torch's deprecation notice for torch.jit, on every load
             module = torch.jit.load(str(path), map_location=_target(device), _extra_files=extra)

@@ -98,7 +98,7 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
     """`torch.load(weights_only=True)`, never a fallback; CheckpointError naming the path otherwise."""
     import torch
 
-    from .exporters import export_kind
+    from .exporters import check_crcs, export_kind
 
     path = Path(path)
     if not path.is_file():
@@ -108,6 +108,7 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
         raise CheckpointError(f"{path}: not a readable {what} (not a PyTorch zip archive)")
     if kind == "torchscript":
         raise CheckpointError(f"{path} is a TorchScript file, not a {what}")
+    check_crcs(path, what)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns before it raises; the one line below says it

@@ -373,9 +373,13 @@ class RunFolder:
         self.saved = (step, self.last)
         if numbered and keep > 0:
             ckpt.save(state, self.checkpoints / f"step-{step:08d}.pt")
-            numbered_files = [p for p in self.checkpoints.glob("step-*.pt") if NUMBERED.fullmatch(p.name)]
-            for old in sorted(numbered_files, key=lambda p: int(NUMBERED.fullmatch(p.name)[1]))[:-keep]:
+            for old in self.numbered()[:-keep]:
                 old.unlink()  # only gantk's own numbered checkpoints: a user's step-backup.pt stays
+
+    def numbered(self) -> list[Path]:
+        """gantk's step-N.pt checkpoints, oldest first."""
+        found = [(int(m[1]), p) for p in self.checkpoints.glob("step-*.pt") if (m := NUMBERED.fullmatch(p.name))]
+        return [p for _, p in sorted(found)]
 
     def save_grid(self, images: torch.Tensor, name: str) -> Path:
         from torchvision.utils import make_grid
@@ -444,7 +448,10 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     world = distributed.from_env()
     state = None
     if resume is not None:
-        state = ckpt.load(resume)
+        try:
+            state = ckpt.load(resume)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{_other_checkpoint(resume)}") from None
         config = _resumed_config(TrainConfig.from_dict(state["config"]), config, given)
         run_dir = run_dir or (resume.parent.parent if resume.parent.name == "checkpoints" else None)
         if run_dir is None:
@@ -472,6 +479,14 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
         distributed.shutdown(created)
+
+
+def _other_checkpoint(bad: Path) -> str:
+    """For an unreadable checkpoint of a run folder: the newest numbered one beside it, to resume from."""
+    if not bad.is_file() or bad.parent.name != "checkpoints":
+        return ""
+    others = [p for p in RunFolder(bad.parent.parent).numbered() if p.resolve() != bad.resolve()]
+    return f"; the newest other checkpoint there: --resume {others[-1]}" if others else ""
 
 
 def _check_target(resume: Path, step: int, run: RunFolder) -> None:
