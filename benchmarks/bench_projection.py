@@ -35,7 +35,7 @@ def main() -> None:
     g = generator_from(load(a.checkpoint)) if a.checkpoint else _random_dcgan(models)
     folded = fold.fold_batchnorm(g)
     before = fold.stride1_as_conv(folded)      # as exported before: the head a Conv
-    after = fold.for_inference(g, convs=True)  # as exported now: the head a Linear
+    after = fold.for_inference(g, convs="all")  # as exported now: the head a Linear
     assert isinstance(after.net[0], models.Projection)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1

@@ -62,17 +62,23 @@ def _projectable(m) -> bool:
             and m.dilation == (1, 1) and m.groups == 1)
 
 
-def stride1_as_conv(g):
-    """A copy of `g` where each stride-1 ConvTranspose2d is the equivalent Conv2d.
+def stride1_as_conv(g, *, thin_only: bool = False):
+    """A copy of `g` where each stride-1 ConvTranspose2d is the equivalent Conv2d; with `thin_only`, only
+    those with one input or output channel.
 
     A stride-1 transposed conv with padding p is a conv with the kernel flipped in both spatial axes,
-    its in/out channels swapped, and padding k-1-p. ONNX Runtime's Conv is faster than ConvTranspose.
-    Strided transposed convs (dcgan) stay as they are.
+    its in/out channels swapped, and padding k-1-p. The conv computes the taps on that padding too
+    (1.1-2.8x the work on the seed generator's maps), yet onnxruntime's Conv beats its ConvTranspose
+    as soon as a session has 2 threads (the seed generator: 1.6-2x; with one thread 0.87-0.93x). torch's
+    transposed conv beats the padded conv except where a side has one channel (the seed generator,
+    1-2 threads: "thin" 2.2-2.5x "all"). benchmarks/bench_stride1.py, BENCHMARKS.md. Strided transposed
+    convs (dcgan) stay as they are.
     """
     from torch import nn
 
     g = copy.deepcopy(g).eval()
-    g.net = nn.Sequential(*[_as_conv(m) if _convertible(m) else m for m in g.net])
+    g.net = nn.Sequential(*[_as_conv(m) if _convertible(m) and (not thin_only or 1 in (m.in_channels, m.out_channels))
+                            else m for m in g.net])
     return g.requires_grad_(False)
 
 
@@ -98,11 +104,12 @@ def _as_conv(t):
     return conv.to(t.weight.device).requires_grad_(False)
 
 
-def for_inference(g, *, convs: bool):
-    """BatchNorm folded, the noise projection a matmul, and with `convs` the stride-1 transposed convs
-    rewritten as convs."""
+def for_inference(g, *, convs: str):
+    """BatchNorm folded, the noise projection a matmul, and stride-1 transposed convs rewritten as convs:
+    `convs` "all" (the ONNX export), "thin" (one input or output channel: the TorchScript export) or
+    "none"."""
     g = projection_as_linear(fold_batchnorm(g))
-    return stride1_as_conv(g) if convs else g
+    return g if convs == "none" else stride1_as_conv(g, thin_only=convs == "thin")
 
 
 def channels_last(g, *, dtype: str = "fp32"):

@@ -2,8 +2,10 @@
 
 `torch.jit.script` (not `trace`) so no shape is baked in at tracing; `torch.jit.freeze` inlines the
 weights as constants for inference. BatchNorm is folded in torch first, the dcgan's noise projection
-becomes a Linear and stride-1 transposed convs become convs as in the ONNX export (torch's CPU Conv2d
-ran the seed generator about 30% faster). The metadata travels in
+becomes a Linear and the stride-1 transposed convs with one input or output channel become convs (on the
+2-core AVX2 CPU torch's transposed conv ran the seed generator's other layers 2x faster than the padded
+conv the ONNX export uses; on the AVX-512 CPU of 2026-11-26 the padded convs had measured 30% faster
+overall: `fold.stride1_as_conv`). The metadata travels in
 `_extra_files={"gantk.json": ...}`, so a program that imports only torch reads it with
 `torch.jit.load(path, _extra_files={"gantk.json": ""})`. fp32, or bf16 (`fold.channels_last`: channels_last,
 bf16 after the first layer, float32 in and out; for CPUs with AVX512-BF16 or AMX, about 1.6x fp32 here but
@@ -78,7 +80,7 @@ def _build(src: Source, dtype: str = "fp32"):
 
 def _prepare(generator):
     """The module that is scripted. (Tests replace this to show that batch dependence fails validation.)"""
-    return for_inference(generator.cpu(), convs=True)
+    return for_inference(generator.cpu(), convs="thin")
 
 
 def _save(module, path: Path, meta: dict[str, str]) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,16 @@ def test_torchscript_is_frozen_and_example_runs(ts_export, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_torchscript_keeps_the_wide_stride_1_transposed_convs(ts_export):
+    """Only the seed generator's layers with one input or output channel become convs (fold.stride1_as_conv)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
+        graph = str(torch.jit.load(str(ts_export[0])).graph)
+    assert graph.count("aten::conv_transpose2d(") == 5 and graph.count("aten::conv2d(") == 2, graph
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 
@@ -341,6 +352,26 @@ def test_dcgan_exports_from_a_generator(tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "g.onnx")).graph.node]
     assert ops.count("ConvTranspose") == 3 and ops.count("Gemm") == 1 and "Conv" not in ops
     assert "BatchNormalization" not in ops and ops.index("Gemm") < ops.index("ConvTranspose")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_wrong_stride_1_conv_rewrite_fails_validation(ckpt, tmp_path, monkeypatch, fmt):
+    """The seed generator's transposed convs rewritten as convs without flipping the kernel."""
+    from gantk.errors import VerificationError
+    from gantk.exporters import fold
+
+    right = fold._as_conv
+
+    def unflipped(t):
+        conv = right(t)
+        conv.weight.copy_(conv.weight.flip(2, 3))
+        return conv
+
+    monkeypatch.setattr(fold, "_as_conv", unflipped)
+    out = tmp_path / ("g.onnx" if fmt == "onnx" else "g.pt")
+    with pytest.raises(VerificationError, match="max abs diff"):
+        EXPORTERS[fmt](Source.from_checkpoint(ckpt), out)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
