@@ -128,6 +128,16 @@ def test_npy_npz_and_folder_sources(tmp_path):
     assert f.images.shape == (3, 32, 32) and f.labels.tolist() == [7, 7, 7]
 
 
+def test_a_count_that_drops_classes_says_so(tmp_path, caplog):
+    images = np.zeros((6, 28, 28), np.uint8)
+    np.savez(tmp_path / "mixed.npz", images=images, labels=np.array([0, 1, 2, 2, 1, 0]))
+    np.savez(tmp_path / "sorted.npz", images=images, labels=np.array([0, 0, 0, 1, 1, 2]))
+    assert len(data.load(str(tmp_path / "mixed.npz"), count=3)) == 3 and not caplog.records
+    assert len(data.load(str(tmp_path / "sorted.npz"), count=3)) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'sorted.npz'}: its first 3 images (a count takes them in file order) hold 1 of its 3 classes"]
+
+
 def test_synthetic_digits_are_deterministic_and_labelled():
     a, b, c = data.synthetic(20, seed=3), data.synthetic(20, seed=3), data.synthetic(20, seed=4)
     assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)

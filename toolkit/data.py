@@ -6,6 +6,7 @@ None). `to_tensor` scales them to float32 (N, 1, 32, 32) in [-1, 1] for the mode
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 
 from .errors import DataError
 
+log = logging.getLogger("gantk")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SIDE = 32
 
@@ -46,6 +48,9 @@ def load(spec: str, *, seed: int = 0, count: int | None = None, flag: str = "--d
         digits = load_path(Path(spec))
     if count is not None and len(digits) > count:
         labels = None if digits.labels is None else digits.labels[:count]
+        if labels is not None and len(set(labels.tolist())) < len(set(digits.labels.tolist())):
+            log.warning("%s: its first %d images (a count takes them in file order) hold %d of its %d classes",
+                        spec, count, len(set(labels.tolist())), len(set(digits.labels.tolist())))
         digits = Digits(digits.images[:count], labels, digits.source)
     return digits
 
