@@ -418,8 +418,10 @@ def test_a_second_signal_with_only_best_pt_names_it(tmp_path):
     run = RunFolder(tmp_path / "r")
     run.checkpoints.mkdir(parents=True)
     run.best.write_bytes(b"state")
-    msg = _unsaved(SimpleNamespace(step=12), run, "folder")
-    assert msg.endswith(f"before the first last.pt: only {run.best} (the best FID so far) was saved")
+    t = SimpleNamespace(step=12, config=TrainConfig(max_steps=40), world=SimpleNamespace(size=1))
+    msg = _unsaved(t, run, "folder")
+    assert msg.endswith(f"before the first last.pt: only {run.best} (the best FID so far) was saved; resume "
+                        f"from it with: gantk train --resume {run.best} --max-steps 40")
     assert run.best.exists()
 
 

@@ -593,7 +593,8 @@ def _unsaved(t: Trainer, run: RunFolder, made: str) -> str:
     into this folder, if it saved none), or nothing; `made`: what this call made (`_prepare_run`)."""
     stopped = f"stopped at once at step {t.step} (a second signal)"
     if run.saved is None and run.best.exists():
-        return f"{stopped}, before the first last.pt: only {run.best} (the best FID so far) was saved"
+        return (f"{stopped}, before the first last.pt: only {run.best} (the best FID so far) was saved; resume "
+                f"from it with: {resume_command(run.best, t.config, world_size=t.world.size)}")
     if run.saved is None:
         gone = ""
         if made and run.discard(made):
