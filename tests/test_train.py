@@ -220,6 +220,28 @@ def test_eval_every_logs_quality_keeps_best_and_plots_fid(tmp_path):
     assert best["step"] == min(scored, key=scored.get)
 
 
+def test_a_resume_with_another_classifier_restarts_the_best_fid(tmp_path, caplog):
+    from gantk import classifier
+
+    classifier.fit("synthetic", out=tmp_path / "a.pt", count=400, epochs=1)
+    classifier.fit("synthetic", out=tmp_path / "b.pt", count=300, epochs=1, seed=1)
+    cfg = dict(data_count=700, log_every=7, eval_every=10, eval_count=200)
+    s = train(tiny(epochs=1, classifier=str(tmp_path / "a.pt"), **cfg), runs_dir=tmp_path)
+    best = Path(s["run_dir"]) / "checkpoints" / "best.pt"
+    before = ckpt.load(best)
+    assert before["fid_reference"] and before["step"] in (10, 20)
+    caplog.clear()
+    train(tiny(epochs=2, classifier=str(tmp_path / "b.pt"), **cfg), resume=Path(s["checkpoint"]),
+          given={"epochs", "classifier"})
+    assert any("was measured with another classifier" in r.getMessage() for r in caplog.records)
+    rows = list(csv.DictReader(open(Path(s["run_dir"]) / "metrics.csv")))
+    scored = {int(r["step"]): float(r["fid"]) for r in rows if r["fid"] and int(r["step"]) > 21}
+    after = ckpt.load(best)
+    assert sorted(scored) == [30, 40] and after["step"] == min(scored, key=scored.get)
+    assert after["best_fid"] == pytest.approx(min(scored.values()), abs=1e-5)
+    assert after["fid_reference"] != before["fid_reference"]
+
+
 def test_eval_every_without_a_classifier_is_exit_2(tmp_path):
     r = run_cli("train", "--data", "synthetic", "--data-count", "64", "--eval-every", "5",
                 "--runs-dir", str(tmp_path))

@@ -2,7 +2,8 @@
 
 A checkpoint is a dict of tensors and plain values:
   format, kind="gantk-checkpoint", versions, config (TrainConfig as a dict), latent_shape,
-  step, epoch, batch_in_epoch, images_seen, elapsed_s, best_fid, world_size, rank_checksums,
+  step, epoch, batch_in_epoch, images_seen, elapsed_s, best_fid, fid_reference (the key of best_fid's
+  yardstick), world_size, rank_checksums,
   generator, discriminator, ema (or None), opt_g, opt_d, scaler (or None), rng, meter.
 """
 from __future__ import annotations

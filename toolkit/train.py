@@ -100,6 +100,7 @@ class Trainer:
         self.elapsed = 0.0
         self.images_seen = 0
         self.best_fid = float("inf")
+        self.fid_reference: str | None = None  # the yardstick of best_fid: evaluate.Reference.key
         self.meter = _Meter()
         self.last_figures: dict[str, float] = {}
 
@@ -189,7 +190,7 @@ class Trainer:
             "config": self.config.to_dict(), "compute_dtype": self.dtype, "latent_shape": list(self.g.latent_shape),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "images_seen": self.images_seen, "elapsed_s": self.elapsed,
-            "best_fid": self.best_fid, "world_size": self.world.size,
+            "best_fid": self.best_fid, "fid_reference": self.fid_reference, "world_size": self.world.size,
             "rank_checksums": rank_checksums or [self.checksum()],
             "generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
@@ -231,6 +232,7 @@ class Trainer:
         self.elapsed = float(s.get("elapsed_s", 0.0))
         self.images_seen = int(s.get("images_seen", self.step * self.config.batch_size))
         self.best_fid = float(s.get("best_fid", float("inf")))
+        self.fid_reference = s.get("fid_reference")
         self.meter.load_state_dict(s["meter"])
 
 
@@ -730,6 +732,11 @@ class _Evaluator:
             t.g.train()
         pixels = to_pixels(x.numpy())
         m = score(pixels, classifier=self.classifier, reference=self.reference, seed=self.seed)
+        if t.fid_reference != self.reference.key:  # resumed with another classifier or reference split
+            if t.best_fid < float("inf"):
+                log.warning("best.pt's FID %.2f was measured with another classifier, data or held-out split; "
+                            "this evaluation's FID replaces it as the best", t.best_fid)
+            t.best_fid, t.fid_reference = float("inf"), self.reference.key
         if m["fid"] < t.best_fid:
             t.best_fid = m["fid"]
             ckpt.save(t.state_dict(), run.best)
