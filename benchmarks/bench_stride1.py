@@ -9,7 +9,6 @@ threads. img/s medians of interleaved rounds; GFLOP/s of the layers count the us
 from __future__ import annotations
 
 import argparse
-import copy
 import warnings
 
 import numpy as np
@@ -17,8 +16,7 @@ import torch
 from interleave import median_rates
 from torch import nn
 
-RULES = {"all": lambda m: True, "none": lambda m: False,
-         "thin": lambda m: 1 in (m.in_channels, m.out_channels)}
+RULES = ("all", "none", "thin")  # fold.for_inference's `convs`
 
 
 def main() -> None:
@@ -59,7 +57,7 @@ def main() -> None:
             with torch.inference_mode():
                 x = m(x)
         print(f"{threads} thread(s): the whole generator, stride-1 layers rewritten as convs")
-        whole = {name: _rewritten(base, rule, fold) for name, rule in RULES.items()}
+        whole = {rule: fold.for_inference(g, convs=rule) for rule in RULES}
         with torch.inference_mode():
             ref = g(z).numpy()
             for name, m in whole.items():
@@ -69,12 +67,6 @@ def main() -> None:
             print(f"  {engine:<12}" + "".join(f"  {name} {rates[(engine, name)]:>6,.0f} img/s" for name in RULES)
                   + f"   thin/all x{rates[(engine, 'thin')] / rates[(engine, 'all')]:.2f}"
                   + f"   none/all x{rates[(engine, 'none')] / rates[(engine, 'all')]:.2f}")
-
-
-def _rewritten(base, rule, fold):
-    g = copy.deepcopy(base)
-    g.net = nn.Sequential(*[fold._as_conv(m) if fold._convertible(m) and rule(m) else m for m in g.net])
-    return g.requires_grad_(False)
 
 
 def _runs(modules: dict, x: torch.Tensor, threads: int, ort) -> dict:

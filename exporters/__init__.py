@@ -7,12 +7,13 @@ eager generator before it lands at `out`. `read_metadata` reads gantk's metadata
 """
 from __future__ import annotations
 
+import errno
 import json
 import zipfile
 from pathlib import Path
 from typing import Callable
 
-from gantk.errors import CheckpointError
+from gantk.errors import CheckpointError, DamagedFileError
 
 from . import onnx, torchscript
 from .base import FORMAT_VERSION, KIND, META_KEYS, ExportReport, Source
@@ -73,19 +74,31 @@ def _zip_names(path: Path) -> list[str]:
         with zipfile.ZipFile(path) as z:
             return z.namelist()
     except zipfile.BadZipFile:
-        raise CheckpointError(f"{path}: a PyTorch file cut short or corrupt") from None
+        raise DamagedFileError(f"{path}: a PyTorch file cut short or corrupt") from None
 
 
 def check_crcs(path: str | Path, what: str) -> None:
-    """CheckpointError where a member of the PyTorch zip at `path` no longer matches its CRC-32. torch.load
-    and torch.jit.load do not check them, so a bit flipped on disk would load as a wrong weight."""
+    """DamagedFileError where a member of the PyTorch zip at `path` no longer reads back as saved (its
+    CRC-32, or its header). torch.load and torch.jit.load do not check, so a bit flipped on disk would
+    load as a wrong weight. A member stored with CRC 0 (torch's `set_crc32_options(False)`) is not checked."""
+    member = None
     try:
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except zipfile.BadZipFile:
-        raise CheckpointError(f"{path}: a PyTorch file cut short or corrupt") from None
-    if bad is not None:
-        raise CheckpointError(f"{path}: a damaged {what} ({bad} does not match the CRC-32 it was saved with)")
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue
+                member = info.filename.partition("/")[2] or info.filename  # less the archive's own folder
+                with z.open(info) as f:  # zipfile compares the CRC-32 at the member's end
+                    while f.read(1 << 20):
+                        pass
+    except Exception as e:  # BadZipFile, and EOFError, ValueError, OSError(EINVAL)... from a damaged header
+        if isinstance(e, OSError) and e.errno not in (None, errno.EINVAL):
+            raise  # the disk failed, not the file
+        if isinstance(e, zipfile.BadZipFile) and "CRC" in str(e):
+            raise DamagedFileError(f"{path}: a damaged {what} ({member} does not match the CRC-32 it was "
+                                   "saved with)") from None
+        at = f" at {member}" if member else ""
+        raise DamagedFileError(f"{path}: a damaged {what} (a PyTorch zip cut short or corrupt{at})") from None
 
 
 def _torchscript_metadata(path: Path) -> dict[str, str]:

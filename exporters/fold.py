@@ -108,6 +108,8 @@ def for_inference(g, *, convs: str):
     """BatchNorm folded, the noise projection a matmul, and stride-1 transposed convs rewritten as convs:
     `convs` "all" (the ONNX export), "thin" (one input or output channel: the TorchScript export) or
     "none"."""
+    if convs not in ("all", "thin", "none"):
+        raise ValueError(f"convs must be 'all', 'thin' or 'none', got {convs!r}")
     g = projection_as_linear(fold_batchnorm(g))
     return g if convs == "none" else stride1_as_conv(g, thin_only=convs == "thin")
 

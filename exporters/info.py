@@ -12,7 +12,7 @@ from typing import Any
 
 from gantk.errors import CheckpointError
 
-from . import export_kind, read_metadata
+from . import check_crcs, export_kind, read_metadata
 from .base import INPUT_NAME, OUTPUT_NAME
 
 IMAGE_SHAPE = [1, 32, 32]
@@ -103,6 +103,7 @@ def _torchscript(path: Path) -> dict[str, Any]:
     from .torchscript import _quiet_jit
 
     meta = read_metadata(path)
+    check_crcs(path, "TorchScript file")
     import torch
 
     try:

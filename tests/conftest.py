@@ -38,17 +38,22 @@ def trained_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def damage():
-    """damage(src, dst): dst is a copy of the PyTorch zip src with one byte flipped inside its largest
-    member's data (a weight), the archive otherwise intact."""
+    """damage(src, dst, where="data"): dst is a copy of the PyTorch zip src with one byte flipped inside its
+    largest member's data (a weight: torch.load would read it), or, with where="header", in the last
+    member's local header (its extra field's length), the archive otherwise intact."""
     import zipfile
 
-    def flip(src: Path, dst: Path) -> Path:
+    def flip(src: Path, dst: Path, where: str = "data") -> Path:
         with zipfile.ZipFile(src) as z:
-            big = max(z.infolist(), key=lambda i: i.file_size)
+            infos = z.infolist()
         data = bytearray(src.read_bytes())
-        name_len, extra_len = (int.from_bytes(data[big.header_offset + o:big.header_offset + o + 2], "little")
-                               for o in (26, 28))  # the local header's own lengths
-        data[big.header_offset + 30 + name_len + extra_len + big.file_size // 2] ^= 0xFF
+        if where == "header":
+            data[infos[-1].header_offset + 29] ^= 0xFF
+        else:
+            big = max(infos, key=lambda i: i.file_size)
+            at = big.header_offset
+            name_len, extra_len = (int.from_bytes(data[at + o:at + o + 2], "little") for o in (26, 28))
+            data[at + 30 + name_len + extra_len + big.file_size // 2] ^= 0xFF
         dst.write_bytes(bytes(data))
         return dst
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from gantk import data, models
 from gantk.cli import cli
 from gantk.config import TrainConfig
 from gantk.errors import DataError, DivergedError
-from gantk.train import Trainer, train
+from gantk.train import EVAL_METRICS, Trainer, train
 
 
 def run_cli(*args: str):
@@ -218,28 +219,35 @@ def test_eval_every_logs_quality_keeps_best_and_plots_fid(tmp_path):
     best = ckpt.load(Path(s["run_dir"]) / "checkpoints" / "best.pt")
     assert best["best_fid"] == pytest.approx(min(scored.values()), abs=1e-5)
     assert best["step"] == min(scored, key=scored.get)
+    # best.pt resumes like any checkpoint: a branch from it writes the straight run's rows after its step
+    train(tiny(epochs=1), resume=Path(s["run_dir"]) / "checkpoints" / "best.pt", run_dir=tmp_path / "branch")
+    branch = list(csv.DictReader(open(tmp_path / "branch" / "metrics.csv")))
+    same = lambda r: {k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")}  # noqa: E731
+    assert [same(r) for r in branch] == [same(r) for r in rows if int(r["step"]) > best["step"]]
 
 
-def test_a_resume_with_another_classifier_restarts_the_best_fid(tmp_path, caplog):
-    from gantk import classifier
+def test_the_best_fid_restarts_when_its_yardstick_changes(monkeypatch, caplog):
+    """Another classifier, reference split or --eval-count (the yardstick) starts the best FID afresh; a
+    checkpoint from before gantk kept the yardstick (None) keeps its best FID."""
+    from types import SimpleNamespace
 
-    classifier.fit("synthetic", out=tmp_path / "a.pt", count=400, epochs=1)
-    classifier.fit("synthetic", out=tmp_path / "b.pt", count=300, epochs=1, seed=1)
-    cfg = dict(data_count=700, log_every=7, eval_every=10, eval_count=200)
-    s = train(tiny(epochs=1, classifier=str(tmp_path / "a.pt"), **cfg), runs_dir=tmp_path)
-    best = Path(s["run_dir"]) / "checkpoints" / "best.pt"
-    before = ckpt.load(best)
-    assert before["fid_reference"] and before["step"] in (10, 20)
-    caplog.clear()
-    train(tiny(epochs=2, classifier=str(tmp_path / "b.pt"), **cfg), resume=Path(s["checkpoint"]),
-          given={"epochs", "classifier"})
-    assert any("was measured with another classifier" in r.getMessage() for r in caplog.records)
-    rows = list(csv.DictReader(open(Path(s["run_dir"]) / "metrics.csv")))
-    scored = {int(r["step"]): float(r["fid"]) for r in rows if r["fid"] and int(r["step"]) > 21}
-    after = ckpt.load(best)
-    assert sorted(scored) == [30, 40] and after["step"] == min(scored, key=scored.get)
-    assert after["best_fid"] == pytest.approx(min(scored.values()), abs=1e-5)
-    assert after["fid_reference"] != before["fid_reference"]
+    from gantk import distributed, evaluate
+    from gantk.train import _Evaluator
+
+    fids = iter([5.0, 7.0, 9.0, 8.0])
+    monkeypatch.setattr(evaluate, "score", lambda *a, **k: {m: next(fids) if m == "fid" else 0.5 for m in EVAL_METRICS})
+    t = Trainer(TrainConfig(arch="seed", amp=False), torch.device("cpu"), distributed.from_env())
+    ev = _Evaluator.__new__(_Evaluator)
+    ev.classifier, ev.reference, ev.count, ev.seed = None, SimpleNamespace(key="a"), 8, 0
+    assert ev(t)[1] and t.best_fid == 5.0 and t.fid_reference == "a:8"  # a fresh run: the first is the best
+    warned = lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # noqa: E731
+    t.fid_reference = None  # as resumed from an older checkpoint: its best FID stands
+    assert not ev(t)[1] and t.best_fid == 5.0 and t.fid_reference == "a:8" and not warned()
+    ev.reference = SimpleNamespace(key="b")  # resumed with another classifier
+    assert ev(t)[1] and t.best_fid == 9.0 and t.fid_reference == "b:8"
+    assert len(warned()) == 1 and "best.pt's FID 5.00 was measured with another classifier" in warned()[0]
+    ev.count = 9  # another --eval-count
+    assert ev(t)[1] and t.best_fid == 8.0 and len(warned()) == 2
 
 
 def test_eval_every_without_a_classifier_is_exit_2(tmp_path):
@@ -591,11 +599,11 @@ def test_usage_errors_of_any_command_are_one_line_exit_2(args, needle):
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "foreign", "pickle", "function",
-                                     "torchscript", "damaged"])
+                                     "torchscript", "damaged", "damaged header"])
 def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, damage, content):
     bad = tmp_path / "bad.pt"
-    if content == "damaged":  # torch.load itself would read it, with one weight changed
-        damage(trained_run / "checkpoints" / "last.pt", bad)
+    if content in ("damaged", "damaged header"):  # "damaged": torch.load would read it, one weight changed
+        damage(trained_run / "checkpoints" / "last.pt", bad, "header" if content == "damaged header" else "data")
     elif content == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
@@ -618,19 +626,35 @@ def test_bad_checkpoints_are_exit_2_naming_the_file(tmp_path, trained_run, damag
     if content in ("pickle", "function"):
         assert "it holds " in r.stderr and "which weights_only=True loading refuses" in r.stderr
     if content == "damaged":
-        assert "a damaged gantk checkpoint (archive/data/" in r.stderr and "does not match the CRC-32" in r.stderr
+        assert "a damaged gantk checkpoint (data/" in r.stderr and "does not match the CRC-32" in r.stderr
+    if content == "damaged header":
+        assert "a damaged gantk checkpoint (a PyTorch zip cut short or corrupt" in r.stderr
 
 
-def test_a_damaged_last_pt_names_the_newest_other_checkpoint_which_resumes_in_place(tmp_path, damage):
+def test_a_checkpoint_saved_without_crcs_loads(tmp_path, trained_run):
+    """torch's set_crc32_options(False) writes CRC 0: nothing to check, not damage."""
+    state = ckpt.load(trained_run / "checkpoints" / "last.pt")
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, tmp_path / "plain.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert ckpt.load(tmp_path / "plain.pt")["step"] == state["step"]
+
+
+def test_a_damaged_last_pt_names_the_newest_intact_checkpoint_which_resumes_in_place(tmp_path, damage):
     run_cli("train", "--data", "synthetic", "--data-count", "128", "--arch", "seed", "--epochs", "3",
             "--checkpoint-every", "2", "--runs-dir", str(tmp_path), "--run", "a", "-q")
-    last, newest = tmp_path / "a" / "checkpoints" / "last.pt", tmp_path / "a" / "checkpoints" / "step-00000012.pt"
-    damage(last, last)
+    folder = tmp_path / "a" / "checkpoints"
+    damage(folder / "last.pt", folder / "last.pt", "header")
+    damage(folder / "step-00000012.pt", folder / "step-00000012.pt")
     r = run_cli("train", "--resume", "auto", "--runs-dir", str(tmp_path), "--epochs", "4")
     assert r.exit_code == 2 and "a damaged gantk checkpoint" in r.stderr, r.output
-    assert r.stderr.rstrip().endswith(f"the newest other checkpoint there: --resume {newest}")
-    r = run_cli("train", "--resume", str(newest), "--runs-dir", str(tmp_path), "--epochs", "4", "--json")
+    intact = folder / "step-00000010.pt"
+    assert r.stderr.rstrip().endswith(f"the newest intact checkpoint beside it: --resume {intact}")
+    r = run_cli("train", "--resume", str(intact), "--runs-dir", str(tmp_path), "--epochs", "4", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["steps"] == 16, r.output
+    assert "a damaged gantk checkpoint" in r.stderr and "replaces it" in r.stderr  # the damaged last.pt
 
 
 def test_resuming_a_run_from_an_older_checkpoint_in_place_is_refused_and_branches_with_run(tmp_path):

@@ -122,6 +122,17 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
         raise CheckpointError(f"{path}: not a readable {what} ({reason})") from None
 
 
+def intact(path: Path) -> bool:
+    """Whether the zip at `path` reads back as saved (every member's CRC-32), without loading it."""
+    from .exporters import check_crcs
+
+    try:
+        check_crcs(path, "gantk checkpoint")
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
 def load(path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
     """Load a gantk checkpoint with weights_only=True; CheckpointError naming the path otherwise."""
     path = Path(path)

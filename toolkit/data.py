@@ -48,9 +48,10 @@ def load(spec: str, *, seed: int = 0, count: int | None = None, flag: str = "--d
         digits = load_path(Path(spec))
     if count is not None and len(digits) > count:
         labels = None if digits.labels is None else digits.labels[:count]
-        if labels is not None and len(set(labels.tolist())) < len(set(digits.labels.tolist())):
+        kept, whole = (0, 0) if labels is None else (len(np.unique(labels)), len(np.unique(digits.labels)))
+        if kept < whole:
             log.warning("%s: its first %d images (a count takes them in file order) hold %d of its %d classes",
-                        spec, count, len(set(labels.tolist())), len(set(digits.labels.tolist())))
+                        spec, count, kept, whole)
         digits = Digits(digits.images[:count], labels, digits.source)
     return digits
 

@@ -21,6 +21,11 @@ class CheckpointError(UsageError):
     """A checkpoint or export is missing, truncated or not gantk's (exit 2)."""
 
 
+class DamagedFileError(CheckpointError):
+    """A checkpoint or export changed on disk after it was saved: cut short, or a CRC-32 that no longer
+    matches (exit 2)."""
+
+
 class DivergedError(GantkError):
     """Training produced a non-finite loss (exit 3)."""
 

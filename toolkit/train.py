@@ -31,7 +31,8 @@ from . import data as data_mod
 from . import distributed, models
 from .backends import native_bf16
 from .config import TrainConfig
-from .errors import CheckpointError, DataError, DivergedError, GantkError, Interrupted, UsageError
+from .errors import (CheckpointError, DamagedFileError, DataError, DivergedError, GantkError, Interrupted,
+                     UsageError)
 
 log = logging.getLogger("gantk.train")
 
@@ -452,8 +453,8 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     if resume is not None:
         try:
             state = ckpt.load(resume)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}{_other_checkpoint(resume)}") from None
+        except DamagedFileError as e:
+            raise DamagedFileError(f"{e}{_other_checkpoint(resume)}") from None
         config = _resumed_config(TrainConfig.from_dict(state["config"]), config, given)
         run_dir = run_dir or (resume.parent.parent if resume.parent.name == "checkpoints" else None)
         if run_dir is None:
@@ -484,11 +485,13 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
 
 
 def _other_checkpoint(bad: Path) -> str:
-    """For an unreadable checkpoint of a run folder: the newest numbered one beside it, to resume from."""
-    if not bad.is_file() or bad.parent.name != "checkpoints":
+    """For a damaged checkpoint of a run folder: the newest intact numbered one beside it, to resume from."""
+    if bad.parent.name != "checkpoints":
         return ""
-    others = [p for p in RunFolder(bad.parent.parent).numbered() if p.resolve() != bad.resolve()]
-    return f"; the newest other checkpoint there: --resume {others[-1]}" if others else ""
+    for other in reversed(RunFolder(bad.parent.parent).numbered()):
+        if other.resolve() != bad.resolve() and ckpt.intact(other):
+            return f"; the newest intact checkpoint beside it: --resume {other}"
+    return ""
 
 
 def _check_target(resume: Path, step: int, run: RunFolder) -> None:
@@ -675,13 +678,15 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
                 t.batch_in_epoch += 1
                 if t.batch_in_epoch == steps_per_epoch:
                     t.epoch, t.batch_in_epoch = t.epoch + 1, 0
-                quality = evaluator(t, run) if evaluator and t.step % cfg.eval_every == 0 else {}
+                quality, best = evaluator(t) if evaluator and t.step % cfg.eval_every == 0 else ({}, False)
                 row = t.meter.row if quality or t.step % cfg.log_every == 0 or t.step == final else None
                 if row and main:
                     writer.writerow({**row(t.step, t.epoch, cfg.batch_size * t.world.size, t.elapsed), **quality})
                     mf.flush()
                 elif row:
                     row(t.step, t.epoch, cfg.batch_size, t.elapsed)  # every rank restarts its sums alike
+                if best:
+                    ckpt.save(t.state_dict(), run.best)
                 if progress:
                     progress({"event": "step", "step": t.step, **figures})
                 epoch_end = t.batch_in_epoch == 0
@@ -721,7 +726,9 @@ class _Evaluator:
         self.reference = evaluate.load_reference(digits, classifier=self.classifier)
         self.count, self.seed = config.eval_count, config.seed
 
-    def __call__(self, t: Trainer, run: RunFolder) -> dict[str, float]:
+    def __call__(self, t: Trainer) -> tuple[dict[str, float], bool]:
+        """The step's quality figures, and whether its FID is the best so far (the caller saves best.pt
+        once the step's metrics row is written, so that best.pt resumes like any checkpoint)."""
         from .evaluate import score
         from .generate import to_pixels
 
@@ -732,17 +739,18 @@ class _Evaluator:
             t.g.train()
         pixels = to_pixels(x.numpy())
         m = score(pixels, classifier=self.classifier, reference=self.reference, seed=self.seed)
-        if t.fid_reference != self.reference.key:  # resumed with another classifier or reference split
+        yardstick = f"{self.reference.key}:{self.count}"  # FID depends on the sample count too
+        if t.fid_reference not in (None, yardstick):  # None: a checkpoint from before gantk kept it
             if t.best_fid < float("inf"):
-                log.warning("best.pt's FID %.2f was measured with another classifier, data or held-out split; "
-                            "this evaluation's FID replaces it as the best", t.best_fid)
-            t.best_fid, t.fid_reference = float("inf"), self.reference.key
-        if m["fid"] < t.best_fid:
-            t.best_fid = m["fid"]
-            ckpt.save(t.state_dict(), run.best)
+                log.warning("best.pt's FID %.2f was measured with another classifier, data, held-out split or "
+                            "--eval-count; this evaluation's FID replaces it as the best", t.best_fid)
+            t.best_fid = float("inf")
+        t.fid_reference = yardstick
+        best = m["fid"] < t.best_fid
+        t.best_fid = min(t.best_fid, m["fid"])
         log.info("step %d: FID %.2f (best %.2f), precision %.3f, recall %.3f", t.step, m["fid"],
                  t.best_fid, m["precision"], m["recall"])
-        return {k: round(float(m[k]), 6) for k in EVAL_METRICS}
+        return {k: round(float(m[k]), 6) for k in EVAL_METRICS}, best
 
 
 def _end_of_epoch(t: Trainer, run: RunFolder, fixed: torch.Tensor, *, final: bool) -> None:
