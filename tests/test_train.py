@@ -250,6 +250,16 @@ def test_the_best_fid_restarts_when_its_yardstick_changes(monkeypatch, caplog):
     assert ev(t)[1] and t.best_fid == 8.0 and len(warned()) == 2
 
 
+def test_a_resume_that_gives_eval_every_keeps_the_runs_classifier():
+    from gantk.cli import _FIELDS
+    from gantk.train import _resumed_config
+
+    given = set(_FIELDS.get("eval_every", ("eval_every",)))  # what `--eval-every 2` alone sets
+    asked = tiny(eval_every=2, classifier="runs/classifier.pt")  # the CLI's default classifier
+    assert _resumed_config(tiny(eval_every=4, classifier="a.pt"), asked, given).classifier == "a.pt"
+    assert _resumed_config(tiny(), asked, given).classifier == "runs/classifier.pt"  # evaluation starts now
+
+
 def test_eval_every_without_a_classifier_is_exit_2(tmp_path):
     r = run_cli("train", "--data", "synthetic", "--data-count", "64", "--eval-every", "5",
                 "--runs-dir", str(tmp_path))

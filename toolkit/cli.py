@@ -268,7 +268,6 @@ def _plural(n: int, word: str) -> str:
 
 # CLI options that set several TrainConfig fields, or a field of another name.
 _FIELDS = {"lr": ("lr_g", "lr_d"), "betas": ("beta1", "beta2"), "classifier_path": ("classifier",),
-           "eval_every": ("eval_every", "classifier"),
            "recipe": ("arch", "loss", "spectral_norm", "ema_decay", "label_smoothing", "lr_g", "lr_d", "amp")}
 
 

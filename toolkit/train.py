@@ -528,7 +528,10 @@ def _resumed_config(stored: TrainConfig, asked: TrainConfig, given: set[str] | N
     if refused:
         raise UsageError(f"a resume keeps the run's own {', '.join(refused)} (exact resume); "
                          f"start a new run to change {'them' if len(refused) > 1 else 'it'}")
-    return stored.replace(**{k: getattr(asked, k) for k in (given & RESUMABLE) | PER_INVOCATION})
+    config = stored.replace(**{k: getattr(asked, k) for k in (given & RESUMABLE) | PER_INVOCATION})
+    if config.eval_every and not config.classifier:  # evaluation starts with this resume: --classifier's default
+        config = config.replace(classifier=asked.classifier)
+    return config
 
 
 def _train(config: TrainConfig, world: distributed.World, device: torch.device,
