@@ -17,6 +17,7 @@ still what a torch-only C++/Python program loads without gantk, so we keep it an
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import time
@@ -84,10 +85,15 @@ def _prepare(generator):
 
 
 def _save(module, path: Path, meta: dict[str, str]) -> None:
+    """Through a buffer: saved to a path, torch names the archive's folder after the (temp) file, so two
+    exports of one checkpoint would differ in bytes, and a digits folder would take the second for
+    another model."""
     import torch
 
+    buf = io.BytesIO()
     with _quiet_jit():
-        torch.jit.save(module, str(path), _extra_files={EXTRA_FILE: json.dumps(meta, sort_keys=True)})
+        torch.jit.save(module, buf, _extra_files={EXTRA_FILE: json.dumps(meta, sort_keys=True)})
+    path.write_bytes(buf.getvalue())
 
 
 def _runner(path: Path):

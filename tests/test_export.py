@@ -181,6 +181,15 @@ def test_torchscript_is_frozen_and_example_runs(ts_export, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_torchscript_exports_of_one_checkpoint_are_the_same_bytes(ckpt, tmp_path):
+    """A re-export must not look like another model (generate's folder identity is the model's sha256).
+    Each `gantk export` is a fresh process, as a user runs it (torch numbers scripted classes per process)."""
+    for name in ("a.pt", "b.pt"):
+        subprocess.run([sys.executable, "-m", "gantk", "export", "--format", "torchscript", "--checkpoint", str(ckpt),
+                        "--out", str(tmp_path / name), "-q"], check=True, timeout=300)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
 def test_torchscript_keeps_the_wide_stride_1_transposed_convs(ckpt):
     """Only the seed generator's layers with one input or output channel become convs (fold.stride1_as_conv)."""
     from torch import nn
