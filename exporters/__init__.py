@@ -48,7 +48,7 @@ def export_kind(path: str | Path) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        raise CheckpointError(f"{path}: empty file (0 bytes)")
+        raise DamagedFileError(f"{path}: empty file (0 bytes)")
     if head != b"PK\x03\x04":
         return "onnx"
     names = _zip_names(path)

@@ -665,6 +665,14 @@ def test_a_damaged_last_pt_names_the_newest_intact_checkpoint_which_resumes_in_p
     r = run_cli("train", "--resume", str(intact), "--runs-dir", str(tmp_path), "--epochs", "4", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["steps"] == 16, r.output
     assert "a damaged gantk checkpoint" in r.stderr and "replaces it" in r.stderr  # the damaged last.pt
+    (folder / "last.pt").write_bytes(b"")
+    r = run_cli("train", "--resume", str(tmp_path / "a"), "--runs-dir", str(tmp_path), "--epochs", "5")
+    assert r.exit_code == 2 and f"the newest intact checkpoint beside it: --resume {folder / 'step-00000016.pt'}" \
+        in r.stderr, r.output
+    (folder / "last.pt").unlink()
+    r = run_cli("train", "--resume", str(tmp_path / "a"), "--runs-dir", str(tmp_path), "--epochs", "5")
+    assert r.exit_code == 2 and "its checkpoints/last.pt is missing; pass one of its checkpoints instead (" \
+        "step-00000012.pt, step-00000014.pt, step-00000016.pt)" in r.stderr, r.output
 
 
 def test_resuming_a_run_from_an_older_checkpoint_in_place_is_refused_and_branches_with_run(tmp_path):
