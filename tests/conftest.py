@@ -20,6 +20,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _default_signals() -> None:
+    """In a child process: SIGINT and SIGTERM as a shell gives them to a command it starts (a test run
+    launched in the background inherits SIGINT ignored, and Python then keeps it ignored)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture
+def default_signals():
+    """A `preexec_fn` that starts a child with SIGINT and SIGTERM at their defaults."""
+    return _default_signals
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GANTK_CACHE", str(tmp_path / "cache"))

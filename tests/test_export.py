@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -491,6 +493,21 @@ def test_a_file_in_the_out_path_is_exit_2_and_a_failed_export_leaves_no_folder(c
     assert r.exit_code == 2 and f"{blocker} is a file, not a folder" in r.stderr, r.output
     r = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "new" / "sub" / "g.onnx"), "--atol", "1e-12"])
     assert r.exit_code == 4 and not (tmp_path / "new").exists(), r.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_export_leaves_no_temp_file(ckpt, tmp_path, default_signals, signum):
+    out = tmp_path / "made" / "g.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "gantk", "export", "--checkpoint", str(ckpt), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(".g.onnx.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the export ended before the signal could land"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum and err.strip().endswith("gantk: interrupted"), err
+    assert not (tmp_path / "made").exists()  # its temp file and the folder it made are gone
 
 
 @pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root writes anywhere")

@@ -470,21 +470,14 @@ def test_killed_run_resumes_byte_identical(exported, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no temp files left
 
 
-def _default_signals() -> None:
-    """In the child: SIGINT and SIGTERM as a shell gives them to a command it starts (a test run launched in
-    the background inherits SIGINT ignored, and Python then keeps it ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize("signum, group", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_ctrl_c_or_sigterm_says_how_many_images_are_kept_and_the_same_command_continues(exported, tmp_path,
-                                                                                        signum, group):
+                                                                                        default_signals, signum, group):
     out = tmp_path / "cut"
     args = ["--count", "6000", "--batch-size", "16", "--writers", "1"]  # 6000: time to land mid-run on a busy CI
     cmd = [sys.executable, "-m", "gantk", "generate", "--model", str(exported["onnx"]), "--out", str(out), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group,
-                            preexec_fn=_default_signals)
+                            preexec_fn=default_signals)
     deadline = time.monotonic() + 60
     while len(list(out.glob("*.png"))) < 300 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

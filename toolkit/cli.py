@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -41,11 +42,12 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import GantkError
+        from .errors import GantkError, sigterm_as_interrupt
 
         debug = click.get_current_context().meta.get("gantk.debug", False)
         try:
-            return fn(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except GantkError as e:
             if debug:
                 traceback.print_exc()  # and the same exit code as without --debug
@@ -56,9 +58,9 @@ def handle_errors(fn: Callable) -> Callable:
             elif os.environ.get("RANK", "0") == "0":
                 click.echo(f"gantk: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
             click.echo("gantk: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
         except OSError as e:
             if debug:
                 traceback.print_exc()

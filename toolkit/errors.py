@@ -1,4 +1,10 @@
 """The error hierarchy. The CLI maps each class to its exit code in one place."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
 
 
 class GantkError(Exception):
@@ -44,3 +50,27 @@ class Interrupted(GantkError):
     def __init__(self, message: str, signum: int = 2):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken like Ctrl-C; `signum` gives the exit code (128 + 15)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's or torchrun's stop) raised in the main thread as `Terminated`, so that what a
+    command was writing is cleaned up or recorded as after Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

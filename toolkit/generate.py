@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import GantkError, Interrupted, UsageError, VerificationError
+from .errors import GantkError, Interrupted, UsageError, VerificationError, sigterm_as_interrupt
 
 log = logging.getLogger("gantk")
 
@@ -881,7 +881,7 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
         req = dataclasses.replace(req, shard=(world.rank, world.size))
     created = distributed.init(world, "cpu")
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             return _generate(req, model, backend, provider, (threads, streams), progress or (lambda ev: None), world)
     except KeyboardInterrupt as e:  # before the first image (`_write` handles the rest)
         raise Interrupted("interrupted before any image was written", getattr(e, "signum", signal.SIGINT)) from None
@@ -974,30 +974,6 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
         raise Interrupted(f"interrupted: {done} of {len(req.indices())} images{whose} are in {out}; the same "
                           f"command writes the rest", getattr(e, "signum", signal.SIGINT)) from None
     return {**summary, "summary_written": write}
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, taken like Ctrl-C; `signum` gives the exit code."""
-
-    signum = signal.SIGTERM
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's or torchrun's stop) raised in the main thread as `_Terminated`, so that a
-    stopped run records its finished images as after Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _merge_ranks(world, folder: Folder, stats: dict, kept: int, parity: dict, seconds: float):
