@@ -130,13 +130,14 @@ def test_npy_npz_and_folder_sources(tmp_path):
 
 
 def test_a_count_that_drops_classes_says_so(tmp_path, caplog):
-    images = np.zeros((6, 28, 28), np.uint8)
-    np.savez(tmp_path / "mixed.npz", images=images, labels=np.array([0, 1, 2, 2, 1, 0]))
-    np.savez(tmp_path / "sorted.npz", images=images, labels=np.array([0, 0, 0, 1, 1, 2]))
-    assert len(data.load(str(tmp_path / "mixed.npz"), count=3)) == 3 and not caplog.records
-    assert len(data.load(str(tmp_path / "sorted.npz"), count=3)) == 3
+    """Warned where the first N hold under half the classes a random draw of N would: a class-sorted file."""
+    images = np.zeros((30, 28, 28), np.uint8)
+    np.savez(tmp_path / "mixed.npz", images=images, labels=np.arange(30) % 3)
+    np.savez(tmp_path / "sorted.npz", images=images, labels=np.arange(30) // 10)
+    assert len(data.load(str(tmp_path / "mixed.npz"), count=10)) == 10 and not caplog.records
+    assert len(data.load(str(tmp_path / "sorted.npz"), count=10)) == 10
     assert [r.getMessage() for r in caplog.records] == [
-        f"{tmp_path / 'sorted.npz'}: its first 3 images (a count takes them in file order) hold 1 of its 3 classes"]
+        f"{tmp_path / 'sorted.npz'}: its first 10 images (a count takes them in file order) hold 1 of its 3 classes"]
 
 
 def test_synthetic_digits_are_deterministic_and_labelled():

@@ -528,6 +528,7 @@ def classifier_train(**o: Any) -> None:
     from .classifier import fit
     from .errors import UsageError
 
+    _setup_logging(0, True)  # warnings: its progress lines are the echo below
     if not 0 < o["heldout"] < 1:
         raise UsageError(f"--heldout is a share of the images: between 0 and 1 (exclusive), got {o['heldout']}")
     if o["epochs"] < 1:

@@ -48,12 +48,20 @@ def load(spec: str, *, seed: int = 0, count: int | None = None, flag: str = "--d
         digits = load_path(Path(spec))
     if count is not None and len(digits) > count:
         labels = None if digits.labels is None else digits.labels[:count]
-        kept, whole = (0, 0) if labels is None else (len(np.unique(labels)), len(np.unique(digits.labels)))
-        if kept < whole:
-            log.warning("%s: its first %d images (a count takes them in file order) hold %d of its %d classes",
-                        spec, count, kept, whole)
+        if labels is not None:
+            _check_classes(spec, count, labels, digits.labels)
         digits = Digits(digits.images[:count], labels, digits.source)
     return digits
+
+
+def _check_classes(spec: str, count: int, kept: np.ndarray, whole: np.ndarray) -> None:
+    """A warning where the first `count` images hold far fewer classes than a random draw of as many would
+    (under half of the expected number): a file or folder sorted by class."""
+    _, sizes = np.unique(whole, return_counts=True)
+    expected = float(np.sum(1.0 - (1.0 - sizes / len(whole)) ** count))
+    if len(np.unique(kept)) < expected / 2:
+        log.warning("%s: its first %d images (a count takes them in file order) hold %d of its %d classes",
+                    spec, count, len(np.unique(kept)), len(sizes))
 
 
 def to_tensor(images: np.ndarray):
