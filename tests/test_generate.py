@@ -776,6 +776,8 @@ def test_out_is_a_file_exit_2_and_read_only_exit_1(exported, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     assert "existing file" in gen(exported["onnx"], f, "--count", "3", code=2).stderr
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert "is a link to" in gen(exported["onnx"], tmp_path / "dangling", "--count", "3", code=2).stderr
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)

@@ -174,6 +174,8 @@ def check_out(out: Path) -> None:
     os.access (a probe file would change its mtime); a new one is probed in its nearest existing parent."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is an existing file (give a folder)")
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out} is a link to {os.readlink(out)}, which does not exist")
     if out.is_dir():
         if not os.access(out, os.W_OK | os.X_OK):
             raise GantkError(f"--out {out} is not writable")
