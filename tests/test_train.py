@@ -251,6 +251,17 @@ def test_the_best_fid_restarts_when_its_yardstick_changes(monkeypatch, caplog):
     assert ev(t)[1] and t.best_fid == 8.0 and len(warned()) == 2
 
 
+def test_a_run_on_a_relative_data_path_resumes_from_another_folder(tmp_path, monkeypatch):
+    np.savez(tmp_path / "d.npz", images=np.zeros((64, 28, 28), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("train", "--data", "d.npz", "--max-steps", "1", "--runs-dir", "runs", "--run", "a", "-q")
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path / "runs")
+    r = run_cli("train", "--resume", "a", "--max-steps", "2", "--runs-dir", ".", "--data", str(tmp_path / "d.npz"),
+                "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["steps"] == 2, r.output
+
+
 def test_a_resume_that_gives_eval_every_keeps_the_runs_classifier():
     from gantk.cli import _FIELDS
     from gantk.train import _resumed_config

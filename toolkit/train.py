@@ -524,7 +524,7 @@ def _resumed_config(stored: TrainConfig, asked: TrainConfig, given: set[str] | N
     """The checkpoint's config, with the options the caller gave that a resume may change.
     `given=None` (a library call): length and placement of training from `asked`."""
     given = {"epochs"} if given is None else given
-    refused = sorted(k for k in given - RESUMABLE if getattr(asked, k) != getattr(stored, k))
+    refused = sorted(k for k in given - RESUMABLE if _comparable(k, asked) != _comparable(k, stored))
     if refused:
         raise UsageError(f"a resume keeps the run's own {', '.join(refused)} (exact resume); "
                          f"start a new run to change {'them' if len(refused) > 1 else 'it'}")
@@ -532,6 +532,13 @@ def _resumed_config(stored: TrainConfig, asked: TrainConfig, given: set[str] | N
     if config.eval_every and not config.classifier:  # evaluation starts with this resume: --classifier's default
         config = config.replace(classifier=asked.classifier)
     return config
+
+
+def _comparable(field: str, config: TrainConfig) -> Any:
+    """A config value to compare on resume: --data as an absolute path (runs before gantk stored it so
+    kept the path as typed)."""
+    value = getattr(config, field)
+    return os.path.abspath(value) if field == "data" and value not in ("mnist", "synthetic") else value
 
 
 def _train(config: TrainConfig, world: distributed.World, device: torch.device,
