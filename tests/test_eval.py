@@ -269,15 +269,18 @@ def _checkpoint(path):
     return path
 
 
-def test_cli_eval_checkpoint_beside_its_fp16_export(clf_path, ref_path, work, tmp_path):
+def test_cli_eval_a_run_folder_beside_its_fp16_export(clf_path, ref_path, work, tmp_path):
     from gantk.exporters import EXPORTERS
 
-    ckpt = _checkpoint(tmp_path / "last.pt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "samples").mkdir()
+    ckpt = _checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "run" / "samples" / "latest.png")  # a grid
     EXPORTERS["onnx"](ckpt, tmp_path / "fp16.onnx", dtype="fp16")
-    r = _eval([ckpt, tmp_path / "fp16.onnx", "--count", "200", "--json"], clf_path, ref_path, work)
+    r = _eval([tmp_path / "run", tmp_path / "fp16.onnx", "--count", "200", "--json"], clf_path, ref_path, work)
     assert r.exit_code == 0, r.output
     eager, half = json.loads(r.stdout)["rows"]
-    assert eager["count"] == half["count"] == 200
+    assert eager["count"] == half["count"] == 200  # the run folder is its last.pt, not its sample grids
     assert "torch" in eager["source"] and "onnxruntime" in half["source"]
     assert half["fid"] == pytest.approx(eager["fid"], rel=0.05)  # same noise, same model, fp16 inside
 

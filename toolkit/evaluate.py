@@ -266,6 +266,10 @@ def load_samples(source: str | Path, *, count: int | None = None, seed: int = 0,
     path = Path(source)
     if not path.exists():
         raise UsageError(f"nothing to evaluate at {path} (expected a folder of images, .npy/.npz or a model)")
+    if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder: its last.pt, not its sample grids
+        from .checkpoint import resolve
+
+        path = resolve(path)
     if path.is_file() and path.suffix.lower() in MODEL_SUFFIXES:
         return _sample_model(path, count=count or DEFAULT_COUNT, seed=seed, provider=provider)
     digits = data.load_path(path)
