@@ -174,6 +174,23 @@ def test_bench_bad_input_exit_2(args, tmp_path):
     assert res.exit_code == 2 and args[0] in res.stderr, res.output  # the message names the option
 
 
+def test_bench_inputs_resolve_a_run_folder_and_refuse_a_model_of_another_checkpoint(trained_run, tmp_path):
+    from gantk.errors import UsageError
+    from gantk.exporters import EXPORTERS
+
+    onnx, ts = tmp_path / "g.onnx", tmp_path / "g.pt"
+    EXPORTERS["onnx"](trained_run / "checkpoints" / "last.pt", onnx)
+    EXPORTERS["torchscript"](trained_run / "checkpoints" / "last.pt", ts)
+    ckpt, model = bench_mod.resolve_inputs(model=onnx, checkpoint=trained_run, runs_dir=tmp_path)
+    assert ckpt == trained_run / "checkpoints" / "last.pt" and model == onnx
+    other = tmp_path / "other.pt"
+    other.write_bytes(ckpt.read_bytes() + b"\0")  # another file (the zip reader ignores a trailing byte)
+    with pytest.raises(UsageError, match="was exported from another checkpoint"):
+        bench_mod.resolve_inputs(model=onnx, checkpoint=other, runs_dir=tmp_path)
+    with pytest.raises(UsageError, match="bench takes an ONNX export"):
+        bench_mod.resolve_inputs(model=ts, checkpoint=ckpt, runs_dir=tmp_path)
+
+
 def test_gpu_section_runs_on_the_cpu_with_parity(checkpoint, tmp_path):
     """bench_gpu's device-resident timing, peaks and parity, run on the CPU (the CUDA rows need a GPU)."""
     from gantk import bench_gpu

@@ -64,15 +64,25 @@ class Route:
 
 def resolve_inputs(*, model: Path | None, checkpoint: Path | None, runs_dir: Path) -> tuple[Path, Path | None]:
     """(checkpoint, onnx export or None). Defaults: the model's source checkpoint, the newest run's files."""
-    from .checkpoint import newest_run, resolve
-    from .exporters import read_metadata
+    from .checkpoint import newest_run, resolve, sha256
+    from .exporters import export_kind, read_metadata
 
     if model is not None:
         meta = read_metadata(model)
-        src = checkpoint or meta.get("source_checkpoint") or ""
-        if not src or not Path(src).is_file():
-            raise UsageError(f"{model}: its source checkpoint {src!r} is not there; pass --checkpoint")
-        return resolve(src), Path(model)
+        if export_kind(model) != "onnx":
+            raise UsageError(f"--model {model}: bench takes an ONNX export (the TorchScript routes are exported "
+                             "from the checkpoint)")
+        if checkpoint is None:
+            src = meta.get("source_checkpoint") or ""
+            if not src or not Path(src).is_file():
+                raise UsageError(f"{model}: its source checkpoint {src or '(none recorded)'} is not there; "
+                                 "pass --checkpoint")
+            checkpoint = Path(src)
+        checkpoint = resolve(checkpoint)
+        if meta.get("source_sha256") and sha256(checkpoint) != meta["source_sha256"]:
+            raise UsageError(f"--model {model} was exported from another checkpoint than {checkpoint} (sha256 "
+                             f"{meta['source_sha256'][:12]}...); pass the checkpoint it came from")
+        return checkpoint, Path(model)
     if checkpoint is not None:
         return resolve(checkpoint), None
     run = newest_run(runs_dir)
