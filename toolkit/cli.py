@@ -253,7 +253,7 @@ def train(**o: Any) -> None:
     if o["as_json"]:
         _emit_json(summary)
     elif summary["steps_run"] == 0:
-        limit = f" (--max-steps {config.max_steps})" if config.max_steps is not None else ""
+        limit = f", --max-steps {config.max_steps}" if config.max_steps is not None else ""
         _echo(f"nothing to train: {summary['checkpoint']} is at step {summary['steps']} with "
               f"{_plural(summary['epochs_done'], 'epoch')} done (--epochs {summary['epochs']}{limit}); pass --epochs "
               f"or --max-steps above that to train further")

@@ -338,7 +338,7 @@ class RunFolder:
                 raise UsageError(f"run folder {self.root} already exists and holds no checkpoint (a run stopped "
                                  "before its first save cannot be resumed); move it away or choose another --run")
             raise UsageError(f"run folder {self.root} already exists and is not empty; "
-                             f"use --resume {self.root} to continue it, or another --run name")
+                             f"use --resume {shlex.quote(str(self.root))} to continue it, or another --run name")
         if continuing:
             log.warning("continuing in the new run folder %s: its metrics.csv starts at the resumed step", self.root)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
