@@ -122,6 +122,10 @@ def test_npy_npz_and_folder_sources(tmp_path):
         Image.fromarray((arr[i] * 255).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
     assert data.load(str(tmp_path / "a.npy")).images.shape == (4, 32, 32)
     assert data.load(str(tmp_path / "b.npz")).labels.tolist() == [0, 1, 2, 3]
+    for bad in (arr * 1000, arr * 2 - 1.5, arr * 255 - 0.5):  # above 255, below -1, or [-1, 1] and [0, 255] mixed
+        np.save(tmp_path / "bad.npy", bad)
+        with pytest.raises(DataError, match=r"pixel values from .*; expected \[0, 1\], \[-1, 1\] or \[0, 255\]"):
+            data.load(str(tmp_path / "bad.npy"))
     np.savez(tmp_path / "c.npz", images=(arr * 255).astype(np.uint8), labels=np.arange(4) + 0.7)
     with pytest.raises(DataError, match="labels must be whole numbers"):  # not floored into other classes
         data.load(str(tmp_path / "c.npz"))

@@ -183,6 +183,8 @@ def _as_uint8(a: np.ndarray, path: Path) -> np.ndarray:
     if not np.isfinite(a).all():
         raise DataError(f"{path}: images contain NaN or inf")
     lo, hi = float(a.min()), float(a.max())
+    if lo < -1.0 or hi > 255.0 or (lo < 0 and hi > 1.0):
+        raise DataError(f"{path}: pixel values from {lo:g} to {hi:g}; expected [0, 1], [-1, 1] or [0, 255]")
     if lo >= -1.0 and hi <= 1.0 and lo < 0:  # [-1, 1]
         a = (a + 1.0) * 127.5
     elif hi <= 1.0:  # [0, 1]
