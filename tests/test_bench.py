@@ -6,6 +6,7 @@ here asserts a timing: the bench is checked for its shape and its parity figures
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -185,10 +186,18 @@ def test_bench_inputs_resolve_a_run_folder_and_refuse_a_model_of_another_checkpo
     assert ckpt == trained_run / "checkpoints" / "last.pt" and model == onnx
     other = tmp_path / "other.pt"
     other.write_bytes(ckpt.read_bytes() + b"\0")  # another file (the zip reader ignores a trailing byte)
-    with pytest.raises(UsageError, match="was exported from another checkpoint"):
+    with pytest.raises(UsageError, match="was not exported from .* as it is now"):
         bench_mod.resolve_inputs(model=onnx, checkpoint=other, runs_dir=tmp_path)
     with pytest.raises(UsageError, match="bench takes an ONNX export"):
         bench_mod.resolve_inputs(model=ts, checkpoint=ckpt, runs_dir=tmp_path)
+    run = tmp_path / "runs" / "00000-seed-synthetic"  # the newest run's export, then more training
+    (run / "export").mkdir(parents=True)
+    shutil.copytree(trained_run / "checkpoints", run / "checkpoints")
+    shutil.copy(onnx, run / "export" / "generator.onnx")
+    assert bench_mod.resolve_inputs(model=None, checkpoint=None, runs_dir=tmp_path / "runs")[1] == \
+        run / "export" / "generator.onnx"
+    shutil.copy(other, run / "checkpoints" / "last.pt")
+    assert bench_mod.resolve_inputs(model=None, checkpoint=None, runs_dir=tmp_path / "runs")[1] is None  # stale
 
 
 def test_gpu_section_runs_on_the_cpu_with_parity(checkpoint, tmp_path):

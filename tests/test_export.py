@@ -495,6 +495,28 @@ def test_a_file_in_the_out_path_is_exit_2_and_a_failed_export_leaves_no_folder(c
     assert r.exit_code == 4 and not (tmp_path / "new").exists(), r.output
 
 
+def test_a_library_error_raised_while_stopping_is_the_stop(ckpt, tmp_path, monkeypatch):
+    """torch.onnx.export, hit by SIGTERM while it imports torch._dynamo, fails with an error of its own."""
+    from gantk.errors import GantkError, Terminated
+    from gantk.exporters import onnx as onnx_exporter
+
+    def stopped(*args, **kwargs):
+        try:
+            raise Terminated
+        except KeyboardInterrupt:
+            raise AttributeError("partially initialized module 'torch._dynamo'")  # noqa: B904
+
+    def build(*args, **kwargs):
+        try:
+            stopped()
+        except AttributeError as e:
+            raise GantkError(f"torch.onnx.export failed ({e})") from None
+
+    monkeypatch.setattr(onnx_exporter, "_build", build)
+    r = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "g.onnx")])
+    assert r.exit_code == 143 and r.stderr.strip() == "gantk: interrupted", r.output
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stopped_export_leaves_no_temp_file(ckpt, tmp_path, default_signals, signum):
     out = tmp_path / "made" / "g.onnx"

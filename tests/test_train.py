@@ -122,10 +122,17 @@ def test_npy_npz_and_folder_sources(tmp_path):
         Image.fromarray((arr[i] * 255).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
     assert data.load(str(tmp_path / "a.npy")).images.shape == (4, 32, 32)
     assert data.load(str(tmp_path / "b.npz")).labels.tolist() == [0, 1, 2, 3]
-    for bad in (arr * 1000, arr * 2 - 1.5, arr * 255 - 0.5):  # above 255, below -1, or [-1, 1] and [0, 255] mixed
+    for bad in (arr * 1000, arr * 2 - 1.5, arr * 255 - 2):  # above 255, below -1, [-1, 1] and [0, 255] mixed
         np.save(tmp_path / "bad.npy", bad)
         with pytest.raises(DataError, match=r"pixel values from .*; expected \[0, 1\], \[-1, 1\] or \[0, 255\]"):
             data.load(str(tmp_path / "bad.npy"))
+    want = data.load(str(tmp_path / "a.npy")).images
+    for scale, shift, ends in ((255, 0, (-0.3, 255.4)), (1, 0, (-0.004, 1.004)), (2, -1, (-1.004, 1.004))):
+        near = (arr * scale + shift).astype(np.float32)  # with a little overshoot at both ends (resampling, noise)
+        near[0, 0, :2] = ends
+        np.save(tmp_path / "near.npy", near)
+        got = data.load(str(tmp_path / "near.npy")).images
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < 0.1, scale  # read in its own range
     np.savez(tmp_path / "c.npz", images=(arr * 255).astype(np.uint8), labels=np.arange(4) + 0.7)
     with pytest.raises(DataError, match="labels must be whole numbers"):  # not floored into other classes
         data.load(str(tmp_path / "c.npz"))
@@ -142,6 +149,16 @@ def test_a_count_that_drops_classes_says_so(tmp_path, caplog):
     assert len(data.load(str(tmp_path / "sorted.npz"), count=10)) == 10
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'sorted.npz'}: its first 10 images (a count takes them in file order) hold 1 of its 3 classes"]
+    caplog.clear()
+    labels = np.repeat(np.arange(10), 600)  # half the classes of a sorted file are missed, too
+    np.savez(tmp_path / "tens.npz", images=np.zeros((6000, 28, 28), np.uint8), labels=labels)
+    assert len(data.load(str(tmp_path / "tens.npz"), count=3000)) == 3000 and len(caplog.records) == 1
+    caplog.clear()
+    np.savez(tmp_path / "random.npz", images=np.zeros((6000, 28, 28), np.uint8),
+             labels=np.random.default_rng(0).permutation(labels))
+    for count in (5, 12, 32):  # a random order, classes missing by chance (5 images hold 5 at most): no warning
+        data.load(str(tmp_path / "random.npz"), count=count)
+    assert not caplog.records
 
 
 def test_synthetic_digits_are_deterministic_and_labelled():

@@ -24,6 +24,7 @@ The library returns one dict (the `--json` document); `format_table` renders it 
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import tempfile
@@ -35,6 +36,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import UsageError
+
+log = logging.getLogger("gantk")
 
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -64,7 +67,7 @@ class Route:
 
 def resolve_inputs(*, model: Path | None, checkpoint: Path | None, runs_dir: Path) -> tuple[Path, Path | None]:
     """(checkpoint, onnx export or None). Defaults: the model's source checkpoint, the newest run's files."""
-    from .checkpoint import newest_run, resolve, sha256
+    from .checkpoint import newest_run, resolve
     from .exporters import export_kind, read_metadata
 
     if model is not None:
@@ -79,15 +82,25 @@ def resolve_inputs(*, model: Path | None, checkpoint: Path | None, runs_dir: Pat
                                  "pass --checkpoint")
             checkpoint = Path(src)
         checkpoint = resolve(checkpoint)
-        if meta.get("source_sha256") and sha256(checkpoint) != meta["source_sha256"]:
-            raise UsageError(f"--model {model} was exported from another checkpoint than {checkpoint} (sha256 "
-                             f"{meta['source_sha256'][:12]}...); pass the checkpoint it came from")
+        if not _exported_from(meta, checkpoint):
+            raise UsageError(f"--model {model} was not exported from {checkpoint} as it is now (sha256 "
+                             f"{meta['source_sha256'][:12]}...): another checkpoint, or one trained further since; "
+                             "pass the checkpoint it came from, or export again")
         return checkpoint, Path(model)
     if checkpoint is not None:
         return resolve(checkpoint), None
     run = newest_run(runs_dir)
-    onnx = run / "export" / "generator.onnx"
-    return resolve(run / "checkpoints" / "last.pt"), onnx if onnx.is_file() else None
+    checkpoint, onnx = resolve(run / "checkpoints" / "last.pt"), run / "export" / "generator.onnx"
+    if onnx.is_file() and not _exported_from(read_metadata(onnx), checkpoint):
+        log.warning("%s was exported before %s was trained further; bench exports it afresh", onnx, checkpoint)
+        return checkpoint, None
+    return checkpoint, onnx if onnx.is_file() else None
+
+
+def _exported_from(meta: dict[str, str], checkpoint: Path) -> bool:
+    from .checkpoint import sha256
+
+    return not meta.get("source_sha256") or meta["source_sha256"] == sha256(checkpoint)
 
 
 def _exports(checkpoint: Path, onnx: Path | None, work: Path) -> dict[str, Path]:

@@ -191,10 +191,11 @@ def resolve(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoints" / "last.pt" if (p / "checkpoints").is_dir() else p / "last.pt"
-        others = sorted(p.parent.glob("*.pt")) if p.parent.is_dir() else []
-        if p.is_dir() or (not p.exists() and others):
+        others = sorted(p.parent.glob("step-*.pt"), key=lambda o: (len(o.name), o.name))[-3:]  # a run's own
+        others += [p.parent / "best.pt"] if (p.parent / "best.pt").is_file() else []
+        if p.parent.name == "checkpoints" and others and not p.is_file():
             raise CheckpointError(f"{path}: its {p.relative_to(path)} is {'a folder' if p.is_dir() else 'missing'}; "
-                                  f"pass one of its checkpoints instead ({', '.join(o.name for o in others[-3:])})")
+                                  f"pass one of its checkpoints instead ({', '.join(o.name for o in others)})")
         if not p.is_file():
             raise CheckpointError(f"{path} is a folder without a checkpoint ({p.relative_to(path)}): not a gantk "
                                   f"run, or one that has not saved yet")

@@ -37,6 +37,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     log.propagate = False
 
 
+def _interrupted(e: KeyboardInterrupt) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one says so
+        click.echo("gantk: interrupted", err=True)
+    sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn library errors into one line on stderr and the documented exit code (traceback with --debug)."""
 
@@ -51,16 +57,18 @@ def handle_errors(fn: Callable) -> Callable:
         except GantkError as e:
             if debug:
                 traceback.print_exc()  # and the same exit code as without --debug
-            from .errors import Interrupted
+            from .errors import Interrupted, interrupt_behind
 
+            stop = None if isinstance(e, Interrupted) else interrupt_behind(e)
+            if stop is not None:  # a library's error while it was stopped: the stop is what happened
+                _interrupted(stop)
             if not isinstance(e, Interrupted):
                 click.echo(f"gantk: error: {e}", err=True)
             elif os.environ.get("RANK", "0") == "0":
                 click.echo(f"gantk: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
-            click.echo("gantk: interrupted", err=True)
-            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+            _interrupted(e)
         except OSError as e:
             if debug:
                 traceback.print_exc()
@@ -69,6 +77,10 @@ def handle_errors(fn: Callable) -> Callable:
         except (click.exceptions.Exit, click.ClickException):
             raise
         except Exception as e:  # a bug: one line, the traceback with --debug
+            from .errors import interrupt_behind
+
+            if interrupt_behind(e) is not None:
+                _interrupted(interrupt_behind(e))
             if debug:
                 traceback.print_exc()
             click.echo(f"gantk: error: internal error ({type(e).__name__}: {e})"

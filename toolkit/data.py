@@ -55,11 +55,12 @@ def load(spec: str, *, seed: int = 0, count: int | None = None, flag: str = "--d
 
 
 def _check_classes(spec: str, count: int, kept: np.ndarray, whole: np.ndarray) -> None:
-    """A warning where the first `count` images hold far fewer classes than a random draw of as many would
-    (under half of the expected number): a file or folder sorted by class."""
+    """A warning where the first `count` images miss classes that a random draw of as many would hold
+    (Markov: a random draw misses that many with probability under 5%): a file or folder sorted by class."""
     _, sizes = np.unique(whole, return_counts=True)
-    expected = float(np.sum(1.0 - (1.0 - sizes / len(whole)) ** count))
-    if len(np.unique(kept)) < expected / 2:
+    missing = len(sizes) - len(np.unique(kept))
+    expected = float(np.sum((1.0 - sizes / len(whole)) ** count))  # classes a random draw would miss
+    if missing and expected / missing < 0.05:
         log.warning("%s: its first %d images (a count takes them in file order) hold %d of its %d classes",
                     spec, count, len(np.unique(kept)), len(sizes))
 
@@ -183,12 +184,14 @@ def _as_uint8(a: np.ndarray, path: Path) -> np.ndarray:
     if not np.isfinite(a).all():
         raise DataError(f"{path}: images contain NaN or inf")
     lo, hi = float(a.min()), float(a.max())
-    if lo < -1.0 or hi > 255.0 or (lo < 0 and hi > 1.0):
-        raise DataError(f"{path}: pixel values from {lo:g} to {hi:g}; expected [0, 1], [-1, 1] or [0, 255]")
-    if lo >= -1.0 and hi <= 1.0 and lo < 0:  # [-1, 1]
+    # the range by its ends, with slack for resampling overshoot and noise: 1% of [0, 1] or [-1, 1],
+    # half a level of [0, 255]; the slack is clipped
+    if hi <= 1.01 and -1.01 <= lo < -0.01:  # [-1, 1]
         a = (a + 1.0) * 127.5
-    elif hi <= 1.0:  # [0, 1]
+    elif hi <= 1.01 and lo >= -0.01:  # [0, 1]
         a = a * 255.0
+    elif not (lo >= -0.5 and hi <= 255.5):
+        raise DataError(f"{path}: pixel values from {lo:.9g} to {hi:.9g}; expected [0, 1], [-1, 1] or [0, 255]")
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 

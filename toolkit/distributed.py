@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import GantkError, UsageError
+from .errors import GantkError, UsageError, default_sigterm
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def init(world: World, device_type: str) -> bool:
 
     if dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    with default_sigterm():  # waiting for the other ranks in native code, a Python handler would never run
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return True
 
 

@@ -1,10 +1,11 @@
-"""The error hierarchy. The CLI maps each class to its exit code in one place."""
+"""The error hierarchy (the CLI maps each class to its exit code in one place), and SIGTERM taken like
+Ctrl-C."""
 from __future__ import annotations
 
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 
 class GantkError(Exception):
@@ -74,3 +75,27 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def default_sigterm() -> Iterator[None]:
+    """SIGTERM at its default (the process ends) inside, where the main thread blocks in native code."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind an error that a library raised while it was being interrupted."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
