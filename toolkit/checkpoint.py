@@ -20,6 +20,7 @@ from .errors import CheckpointError, UsageError
 
 FORMAT = 1
 KIND = "gantk-checkpoint"
+NUMBERED = re.compile(r"step-(\d+)\.pt")  # a run's numbered checkpoints (`--keep` prunes them)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -172,6 +173,12 @@ def newest_checkpoint(runs_dir: str | Path = "runs") -> Path:
     return newest_run(runs_dir) / "checkpoints" / "last.pt"
 
 
+def numbered(folder: Path) -> list[Path]:
+    """The step-N.pt checkpoints in `folder`, oldest first (a user's step-backup.pt is not one)."""
+    found = [(int(m[1]), p) for p in folder.glob("step-*.pt") if (m := NUMBERED.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def newest_to_resume(runs_dir: str | Path = "runs") -> Path:
     """`--resume auto`: the newest run's last.pt; UsageError where a newer run stopped before its first
     save (it cannot be resumed, and continuing an older run instead would surprise)."""
@@ -191,9 +198,9 @@ def resolve(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoints" / "last.pt" if (p / "checkpoints").is_dir() else p / "last.pt"
-        others = sorted(p.parent.glob("step-*.pt"), key=lambda o: (len(o.name), o.name))[-3:]  # a run's own
-        others += [p.parent / "best.pt"] if (p.parent / "best.pt").is_file() else []
-        if p.parent.name == "checkpoints" and others and not p.is_file():
+        others = [] if p.is_file() or p.parent.name != "checkpoints" else \
+            numbered(p.parent)[-3:] + [b for b in [p.parent / "best.pt"] if b.is_file()]
+        if others:
             raise CheckpointError(f"{path}: its {p.relative_to(path)} is {'a folder' if p.is_dir() else 'missing'}; "
                                   f"pass one of its checkpoints instead ({', '.join(o.name for o in others)})")
         if not p.is_file():

@@ -79,8 +79,9 @@ def handle_errors(fn: Callable) -> Callable:
         except Exception as e:  # a bug: one line, the traceback with --debug
             from .errors import interrupt_behind
 
-            if interrupt_behind(e) is not None:
-                _interrupted(interrupt_behind(e))
+            stop = interrupt_behind(e)
+            if stop is not None:  # as for a GantkError above
+                _interrupted(stop)
             if debug:
                 traceback.print_exc()
             click.echo(f"gantk: error: internal error ({type(e).__name__}: {e})"
@@ -278,7 +279,9 @@ def train(**o: Any) -> None:
 
 def _absolute(path: str | None) -> str | None:
     """A path as the checkpoint stores it: absolute, so that the run resumes from any folder."""
-    return path if path in (None, "mnist", "synthetic") else os.path.abspath(path)
+    from .data import NAMED
+
+    return path if path is None or path in NAMED else os.path.abspath(path)
 
 
 def _plural(n: int, word: str) -> str:

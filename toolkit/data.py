@@ -17,6 +17,7 @@ import numpy as np
 from .errors import DataError
 
 log = logging.getLogger("gantk")
+NAMED = ("mnist", "synthetic")  # the data specs that are no path
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SIDE = 32
 

@@ -59,31 +59,28 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def sigterm_as_interrupt():
     """SIGTERM (a scheduler's or torchrun's stop) raised in the main thread as `Terminated`, so that what a
     command was writing is cleaned up or recorded as after Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    return _on_sigterm(_raise_terminated)
 
-    def handler(signum, frame):
-        raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def default_sigterm():
+    """SIGTERM at its default (the process ends) inside, where the main thread blocks in native code."""
+    return _on_sigterm(signal.SIG_DFL)
 
 
 @contextlib.contextmanager
-def default_sigterm() -> Iterator[None]:
-    """SIGTERM at its default (the process ends) inside, where the main thread blocks in native code."""
+def _on_sigterm(handler) -> Iterator[None]:
+    """`handler` for SIGTERM inside, the previous one after; only the main thread may set handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import re
 import shlex
 import signal
 import threading
@@ -101,7 +100,7 @@ class Trainer:
         self.elapsed = 0.0
         self.images_seen = 0
         self.best_fid = float("inf")
-        self.fid_reference: str | None = None  # the yardstick of best_fid: evaluate.Reference.key
+        self.fid_reference: str | None = None  # best_fid's yardstick: evaluate.Reference.key and eval count
         self.meter = _Meter()
         self.last_figures: dict[str, float] = {}
 
@@ -301,9 +300,6 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
-NUMBERED = re.compile(r"step-(\d+)\.pt")  # the numbered checkpoints `--keep` prunes
-
-
 class RunFolder:
     """Paths and writers of one run folder."""
 
@@ -381,8 +377,7 @@ class RunFolder:
 
     def numbered(self) -> list[Path]:
         """gantk's step-N.pt checkpoints, oldest first."""
-        found = [(int(m[1]), p) for p in self.checkpoints.glob("step-*.pt") if (m := NUMBERED.fullmatch(p.name))]
-        return [p for _, p in sorted(found)]
+        return ckpt.numbered(self.checkpoints)
 
     def save_grid(self, images: torch.Tensor, name: str) -> Path:
         from torchvision.utils import make_grid
@@ -430,7 +425,7 @@ def _save_png(pixels: np.ndarray, path: Path) -> None:
 def new_run_dir(runs_dir: Path, config: TrainConfig) -> Path:
     runs_dir = Path(runs_dir)
     taken = [int(p.name[:5]) for p in runs_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*") if p.name[:5].isdigit()]
-    data_name = Path(config.data).name.split(".")[0] if config.data not in ("mnist", "synthetic") else config.data
+    data_name = Path(config.data).name.split(".")[0] if config.data not in data_mod.NAMED else config.data
     return runs_dir / f"{max(taken, default=-1) + 1:05d}-{config.arch}-{data_name}"
 
 
@@ -538,7 +533,7 @@ def _comparable(field: str, config: TrainConfig) -> Any:
     """A config value to compare on resume: --data as an absolute path (runs before gantk stored it so
     kept the path as typed)."""
     value = getattr(config, field)
-    return os.path.abspath(value) if field == "data" and value not in ("mnist", "synthetic") else value
+    return os.path.abspath(value) if field == "data" and value not in data_mod.NAMED else value
 
 
 def _train(config: TrainConfig, world: distributed.World, device: torch.device,
