@@ -22,7 +22,7 @@ from gantk import checkpoint as ckpt
 from gantk import data, models
 from gantk.cli import cli
 from gantk.config import TrainConfig
-from gantk.errors import DataError, DivergedError
+from gantk.errors import DataError, DivergedError, Interrupted
 from gantk.train import EVAL_METRICS, Trainer, train
 
 
@@ -496,6 +496,18 @@ def test_a_second_signal_with_only_best_pt_names_it(tmp_path):
     assert msg.endswith(f"before the first last.pt: only {run.best} (the best FID so far) was saved; resume "
                         f"from it with: gantk train --resume {run.best} --max-steps 40")
     assert run.best.exists()
+
+
+def test_a_signal_while_the_run_starts_still_saves_a_checkpoint(tmp_path):
+    """The run folder exists from here on: a stop must leave it resumable by the same command."""
+    def progress(event):
+        if event["event"] == "start":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted, match="stopped at step 1; resume with: gantk train --resume"):
+        train(tiny(max_steps=6), runs_dir=tmp_path, run_dir=tmp_path / "r", progress=progress)
+    assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 1
+    assert train(tiny(max_steps=6), resume=tmp_path / "r" / "checkpoints" / "last.pt")["steps"] == 6
 
 
 def test_the_resume_command_of_a_torchrun_run_is_a_torchrun_launch(monkeypatch):

@@ -570,18 +570,20 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device,
                 "steps": start, "steps_run": 0, "epochs_done": trainer.epoch, "checkpoint": str(source),
                 "elapsed_s": round(trainer.elapsed, 2), "last_step": {}}
     evaluator = _Evaluator(config, digits) if config.eval_every and world.main else None
-    root, made = distributed.on_main(world, lambda: _prepare_run(config, run_dir, runs_dir, start))
-    run = RunFolder(root)
-    run.saved = (start, source) if state is not None else None
-    info["run_dir"] = str(run.root)
-    if state is not None:
-        log.info("resumed %s at step %d (%d epoch%s done)", run.root, trainer.step, trainer.epoch,
-                 "" if trainer.epoch == 1 else "s")
-    images = data_mod.to_tensor(digits.images)
-    if progress:
-        progress({"event": "start", **info})
+    # from the run folder's making on, a first signal stops at a step boundary, after a save: a folder
+    # left without a checkpoint could not be continued by the same command
     with _stop_on_signals() as stop:
+        root, made = distributed.on_main(world, lambda: _prepare_run(config, run_dir, runs_dir, start))
+        run = RunFolder(root)
+        run.saved = (start, source) if state is not None else None
+        info["run_dir"] = str(run.root)
+        if state is not None:
+            log.info("resumed %s at step %d (%d epoch%s done)", run.root, trainer.step, trainer.epoch,
+                     "" if trainer.epoch == 1 else "s")
         try:
+            images = data_mod.to_tensor(digits.images)
+            if progress:
+                progress({"event": "start", **info})
             _loop(trainer, run, images, total, final, steps_per_epoch, stop, progress, evaluator)
         except KeyboardInterrupt:  # a second signal: no save
             raise Interrupted(_unsaved(trainer, run, made if world.main else ""),
