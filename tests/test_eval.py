@@ -342,3 +342,12 @@ def test_cli_classifier_train_and_its_bad_input(tmp_path):
     r = CliRunner().invoke(cli, ["classifier", "train", "--data", "synthetic", "--count", "100", "--out", str(mine)])
     assert r.exit_code == 2 and "not overwriting" in r.output
     assert mine.read_bytes() == b"user data"
+
+
+def test_classifier_train_onto_a_damaged_classifier_says_it_is_damaged(tmp_path, clf_path, damage):
+    bad = damage(clf_path, tmp_path / "clf.pt")
+    before = bad.read_bytes()
+    r = CliRunner().invoke(cli, ["classifier", "train", "--data", "synthetic", "--count", "100", "--out", str(bad)])
+    assert r.exit_code == 2 and "a damaged" in r.stderr and "does not match the CRC-32" in r.stderr, r.output
+    assert "not overwriting it (remove it, or choose another --out)" in r.stderr
+    assert bad.read_bytes() == before

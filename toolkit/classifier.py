@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DamagedFileError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,8 @@ def _check_out(out: Path) -> None:
         return
     try:
         load(out)
+    except DamagedFileError as e:
+        raise DamagedFileError(f"{e}; not overwriting it (remove it, or choose another --out)") from None
     except CheckpointError:
         raise CheckpointError(f"{out} exists and is not a gantk classifier; not overwriting it "
                               "(choose another --out)") from None
