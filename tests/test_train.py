@@ -140,6 +140,19 @@ def test_npy_npz_and_folder_sources(tmp_path):
     assert f.images.shape == (3, 32, 32) and f.labels.tolist() == [7, 7, 7]
 
 
+def test_an_image_beside_the_class_folders_is_named_as_why_labels_are_gone(tmp_path, caplog):
+    from PIL import Image
+
+    (tmp_path / "imgs" / "3").mkdir(parents=True)
+    for name in ("3/a.png", "3/b.png", "preview.png"):
+        Image.new("L", (28, 28)).save(tmp_path / "imgs" / name)
+    with caplog.at_level(logging.WARNING, logger="gantk"):
+        d = data.load(str(tmp_path / "imgs"))
+    assert len(d) == 3 and d.labels is None
+    assert f"1 of 3 images lie outside the class folders 0-9 (such as {tmp_path / 'imgs' / 'preview.png'})" \
+        in caplog.text
+
+
 def test_a_count_that_drops_classes_says_so(tmp_path, caplog):
     """Warned where the first N hold under half the classes a random draw of N would: a class-sorted file."""
     images = np.zeros((30, 28, 28), np.uint8)

@@ -217,7 +217,11 @@ def _load_folder(path: Path) -> Digits:
             raise DataError(f"{f}: not a readable image ({e})") from None
         labels.append(int(f.parent.name) if f.parent != path and f.parent.name.isdigit() else -1)
     lab = np.array(labels, np.int64)
-    return Digits(np.stack(images), None if (lab < 0).any() else lab, str(path))
+    stray = np.flatnonzero(lab < 0)
+    if 0 < len(stray) < len(lab):
+        log.warning("%s: %d of %d images lie outside the class folders 0-9 (such as %s): the folder is read "
+                    "without labels", path, len(stray), len(lab), files[stray[0]])
+    return Digits(np.stack(images), None if len(stray) else lab, str(path))
 
 
 def _generated(path: Path) -> tuple[list[Path], list[dict]]:
