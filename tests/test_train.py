@@ -290,6 +290,9 @@ def test_a_run_on_a_relative_data_path_resumes_from_another_folder(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     r = run_cli("train", "--data", "d.npz", "--max-steps", "1", "--runs-dir", "runs", "--run", "a", "-q")
     assert r.exit_code == 0, r.output
+    s = train(tiny(data="d.npz", data_count=None, max_steps=1, classifier="c.pt"), runs_dir=Path("lib"))
+    stored = ckpt.load(Path(s["checkpoint"]))["config"]  # the library stores them as the CLI does
+    assert (stored["data"], stored["classifier"]) == (str(tmp_path / "d.npz"), str(tmp_path / "c.pt"))
     monkeypatch.chdir(tmp_path / "runs")
     r = run_cli("train", "--resume", "a", "--max-steps", "2", "--runs-dir", ".", "--data", str(tmp_path / "d.npz"),
                 "--json")

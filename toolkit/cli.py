@@ -215,13 +215,13 @@ def train(**o: Any) -> None:
                  label_smoothing=o["label_smoothing"], ema_decay=o["ema_decay"], lr_g=o["lr"],
                  lr_d=o["lr_d"] or o["lr"], amp=o["amp"])
     recipe.update({k: v for k, v in picks.items() if v is not None})
-    config = TrainConfig(data=_absolute(o["data"]), data_count=o["data_count"], max_steps=o["max_steps"],
+    config = TrainConfig(data=o["data"], data_count=o["data_count"], max_steps=o["max_steps"],
                          batch_size=o["batch_size"], beta1=o["betas"][0], beta2=o["betas"][1], seed=o["seed"],
                          device=o["device"], sync_bn=o["sync_bn"], workers=o["workers"],
                          checkpoint_every=o["checkpoint_every"], keep=o["keep"], log_every=o["log_every"],
                          sample_every=o["sample_every"], eval_every=o["eval_every"], eval_count=o["eval_count"],
-                         classifier=_absolute(o["classifier_path"] or (str(o["runs_dir"] / "classifier.pt")
-                                                                       if o["eval_every"] else None)), **recipe)
+                         classifier=o["classifier_path"] or (str(o["runs_dir"] / "classifier.pt")
+                                                             if o["eval_every"] else None), **recipe)
     resume = None
     if o["resume"] == "auto":
         resume = newest_to_resume(o["runs_dir"])
@@ -275,13 +275,6 @@ def train(**o: Any) -> None:
         _echo(f"done: step {summary['steps']} ({summary['steps_run']} this run), "
               f"{_plural(summary['epochs_done'], 'epoch')}, {summary['elapsed_s']:.1f}s of training in all; "
               f"loss_d {last['loss_d']:.3f} loss_g {last['loss_g']:.3f}; checkpoint {summary['checkpoint']}")
-
-
-def _absolute(path: str | None) -> str | None:
-    """A path as the checkpoint stores it: absolute, so that the run resumes from any folder."""
-    from .data import NAMED
-
-    return path if path is None or path in NAMED else os.path.abspath(path)
 
 
 def _plural(n: int, word: str) -> str:

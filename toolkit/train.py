@@ -444,6 +444,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     Under torchrun every rank calls this: DDP over NCCL (CUDA) or Gloo (CPU), `batch_size` per rank,
     rank 0 alone writes the run folder and reports progress."""
     world = distributed.from_env()
+    config = config.replace(data=_absolute(config.data), classifier=_absolute(config.classifier))
     state = None
     if resume is not None:
         try:
@@ -527,6 +528,11 @@ def _resumed_config(stored: TrainConfig, asked: TrainConfig, given: set[str] | N
     if config.eval_every and not config.classifier:  # evaluation starts with this resume: --classifier's default
         config = config.replace(classifier=asked.classifier)
     return config
+
+
+def _absolute(path: str | None) -> str | None:
+    """A path as the checkpoint stores it: absolute, so that the run resumes from any folder."""
+    return path if path is None or path in data_mod.NAMED else os.path.abspath(path)
 
 
 def _comparable(field: str, config: TrainConfig) -> Any:
