@@ -93,7 +93,7 @@ def compare(run: Runner, generator, *, atol: float, batch_sizes: tuple[int, ...]
     z = fixed_noise(tuple(generator.latent_shape), count=max(batch_sizes))
     ref = eager(generator, z)
     outs = {n: _run(run, z[:n], ref[:n].shape, n) for n in batch_sizes}
-    per_batch = {n: _figures(out, ref[: len(out)]) for n, out in outs.items()}
+    per_batch = {n: figures(out, ref[: len(out)]) for n, out in outs.items()}
     full = outs[max(batch_sizes)]
     consistency = max(_max_diff(out, full[: len(out)]) for out in outs.values())
     diffs = np.concatenate([_abs_diff(out, ref[: len(out)]).ravel() for out in outs.values()])
@@ -143,7 +143,8 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(_abs_diff(a, b).max())
 
 
-def _figures(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+def figures(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Max and mean abs diff (non-finite: inf) and the share of uint8 pixels that differ."""
     d = _abs_diff(out, ref)
     return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
             "pixels_off": float((to_pixels(out) != to_pixels(ref)).mean())}

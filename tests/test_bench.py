@@ -87,6 +87,15 @@ def test_wrong_fold_fails_parity(dtype, monkeypatch):
     assert not parity.ok
 
 
+def test_a_route_that_outputs_nan_shows_an_infinite_diff():
+    from gantk.bench import parity
+
+    ref = torch.zeros(2, 1, 32, 32).numpy()
+    out = ref.copy()
+    out[0, 0, 0, 0] = float("nan")
+    assert parity(out, ref)["max_abs_diff"] == float("inf")
+
+
 @pytest.mark.parametrize("transposed", [True, False])
 def test_useful_flops_count_only_the_products_that_reach_the_output(transposed):
     import torch.nn.functional as F

@@ -599,14 +599,15 @@ def test_a_fresh_folder_with_gantk_file_names_is_refused(exported, tmp_path, nam
 # ------------------------------------------------------------------------------------------ parity
 
 
-def test_perturbed_model_fails_parity_before_writing(exported, tmp_path):
+@pytest.mark.parametrize("change", [0.5, np.nan])  # NaN must fail, not compare False
+def test_perturbed_model_fails_parity_before_writing(exported, tmp_path, change):
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(exported["onnx"]))
     init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     w = numpy_helper.to_array(init).copy()
-    w.flat[0] += 0.5
+    w.flat[0] += change
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     bad = tmp_path / "bad.onnx"
     onnx.save(model, str(bad))

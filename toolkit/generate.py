@@ -583,15 +583,10 @@ def eager_reference(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    off = to_pixels(got) != to_pixels(want)
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "pixels_off": float(off.mean())}
-
-
 def parity_check(backend, req: Request) -> dict[str, Any]:
     """Compare the backend with eager PyTorch on a spread of this run's indices; VerificationError beyond atol."""
+    from .exporters.validate import figures as compare
+
     if backend.name == "torch":
         return {"status": "not-applicable", "reason": "the torch backend is the eager reference itself"}
     if not req.parity:
