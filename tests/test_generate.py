@@ -679,16 +679,17 @@ def test_bad_numbers_exit_2_and_write_nothing(exported, tmp_path, args, needle):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("frsize, free, favail, fits", [
-    (1 << 20, 20e9, 10**6, True),    # NFS/CephFS report their transfer size as the block size
-    (4096, 20e9, 0, True),           # no inode figure
-    (4096, 1e6, 10**6, False),       # 10,000 4-KiB files do not fit in 1 MB
-    (4096, 20e9, 500, False),        # nor in 500 inodes
+@pytest.mark.parametrize("frsize, free, files, favail, fits", [
+    (1 << 20, 20e9, 10**7, 10**6, True),    # NFS/CephFS report their transfer size as the block size
+    (4096, 20e9, 0, 0, True),               # no inode figures (btrfs)
+    (4096, 1e6, 10**7, 10**6, False),       # 10,000 4-KiB files do not fit in 1 MB
+    (4096, 20e9, 10**7, 500, False),        # nor in 500 inodes
+    (4096, 20e9, 10**7, 0, False),          # nor in none
 ])
-def test_the_room_check_refuses_only_what_cannot_fit(tmp_path, monkeypatch, frsize, free, favail, fits):
+def test_the_room_check_refuses_only_what_cannot_fit(tmp_path, monkeypatch, frsize, free, files, favail, fits):
     from gantk.generate import check_room
 
-    stat = os.statvfs_result((frsize, frsize, 10**9, int(free // frsize), int(free // frsize), 10**7, favail,
+    stat = os.statvfs_result((frsize, frsize, 10**9, int(free // frsize), int(free // frsize), files, favail,
                               favail, 0, 255))
     monkeypatch.setattr(os, "statvfs", lambda path: stat)
     req = Request(out=tmp_path / "o", count=10000)

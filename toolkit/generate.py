@@ -292,7 +292,7 @@ def check_room(req: Request, out: Path, have: int) -> None:
         if st.f_blocks and n * block > free:
             raise UsageError(f"--count {req.count}: {n:,} PNGs need about {_size(n * block)} ({block}-byte "
                              f"blocks); {out}'s filesystem has {_size(free)} free")
-        if st.f_files and st.f_favail and n > st.f_favail:
+        if st.f_files and n > st.f_favail:  # no inode figures: f_files 0
             raise UsageError(f"--count {req.count}: {n:,} PNGs need as many inodes; {out}'s filesystem has "
                              f"{st.f_favail:,} free")
         return
