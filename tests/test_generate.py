@@ -586,6 +586,19 @@ def test_overwrite_keeps_files_no_manifest_vouches_for(exported, tmp_path):
     assert (out / "000008.png").read_bytes() == b"a user's picture"
 
 
+def test_overwrite_keeps_an_array_no_manifest_vouches_for(exported, tmp_path):
+    out = tmp_path / "d"
+    gen(exported["onnx"], out, "--count", "10", "--format", "npy")
+    gen(exported["onnx"], out, "--count", "10", "--format", "npy", "--seed", "1", "--overwrite")  # was gantk's
+    assert "images-000000-000010.npy" in json.loads((out / "manifest.json").read_text())["arrays"][0]["file"]
+    gen(exported["onnx"], tmp_path / "p", "--count", "10")
+    mine = tmp_path / "p" / "images-000000-000010.npy"
+    np.save(mine, np.full((3, 3), 7, np.uint8))
+    r = gen(exported["onnx"], tmp_path / "p", "--count", "10", "--format", "npy", "--overwrite", code=2)
+    assert f"{mine} exists and was not written by gantk" in r.stderr
+    assert np.load(mine).tolist() == [[7] * 3] * 3
+
+
 @pytest.mark.parametrize("name", ["summary.json", "grid.png"])
 def test_a_fresh_folder_with_gantk_file_names_is_refused(exported, tmp_path, name):
     out = tmp_path / "d"

@@ -454,10 +454,23 @@ def plan_pngs(folder: Folder, indices: range, replaced: dict | None = None) -> t
             kept += 1
         elif entry is None and path.exists() and (not folder.claimed or replaced is not None) \
                 and old.get(path.name) != _sha256_file(path):
-            raise UsageError(f"{path} exists and was not written by gantk; move it away or choose another --out")
+            raise _not_ours(path)
         else:
             todo.append(i)
     return todo, kept
+
+
+def check_npy(folder: Folder, name: str, replaced: dict | None) -> None:
+    """As `plan_pngs` for the run's array: under --overwrite, a file of its name that neither manifest
+    lists with its bytes is the user's."""
+    path = folder.path / name
+    old = {e["file"]: e["sha256"] for e in (replaced or {}).get("arrays", [])}
+    if replaced is not None and name not in folder.arrays and path.exists() and old.get(name) != _sha256_file(path):
+        raise _not_ours(path)
+
+
+def _not_ours(path: Path) -> UsageError:
+    return UsageError(f"{path} exists and was not written by gantk; move it away or choose another --out")
 
 
 def _refuse_foreign(folder: Folder, names: list[str]) -> None:
@@ -466,8 +479,7 @@ def _refuse_foreign(folder: Folder, names: list[str]) -> None:
         return
     for name in names:
         if (folder.path / name).exists():
-            raise UsageError(f"{folder.path / name} exists and was not written by gantk; move it away or "
-                             f"choose another --out")
+            raise _not_ours(folder.path / name)
 
 
 def _drop_replaced(out: Path, old: dict | None) -> int:
@@ -920,6 +932,8 @@ def _open_and_write(req, model, backend, provider, asked, progress, world, pool)
         _refuse_foreign(folder, [SUMMARY, GRID, npy_name(req)])
     todo, kept = plan_pngs(folder, req.indices(), replaced) if req.fmt == "png" and out.is_dir() \
         else (list(req.indices()), 0)
+    if req.fmt == "npy" and out.is_dir():
+        check_npy(folder, npy_name(req), replaced)
     parity = parity_check(be, req)
     return _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
 
