@@ -324,6 +324,18 @@ def test_torch_backends_batch_independent_and_close_to_onnx(exported, tmp_path):
     assert json.loads((tmp_path / "ts" / "summary.json").read_text())["parity"]["status"] == "passed"
 
 
+@pytest.mark.parametrize("backend, model", [("torch", "ckpt"), ("torchscript", "pt")])
+def test_a_torch_backend_leaves_the_process_thread_count_as_it_was(exported, backend, model):
+    import torch
+
+    from gantk.backends import open_backend
+
+    before = torch.get_num_threads()
+    be = open_backend(backend, exported[model], provider="cpu", batch_size=8, threads=before + 1)
+    be(noise(0, range(3), be.latent_shape))
+    assert torch.get_num_threads() == before  # eval embeds with torch after sampling through it
+
+
 def _npy(exported, backend: str, tmp_path: Path) -> Path:
     model = exported["ckpt"] if backend == "torch" else exported["onnx"]
     out = tmp_path / f"npy-{backend}"

@@ -402,15 +402,20 @@ def _torch_device(provider: str) -> str:
 def _torch_runner(module, device: str, batch: int, latent: tuple[int, ...], threads: int) -> Callable:
     import torch
 
-    if device == "cpu":
-        torch.set_num_threads(threads)
-    else:
+    if device != "cpu":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
 
     def run(z: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(z).to(device)).float().cpu().numpy()
+        # the thread count for this call only: it is the whole process's (eval embeds with torch after)
+        before = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return module(torch.from_numpy(z).to(device)).float().cpu().numpy()
+        finally:
+            torch.set_num_threads(before)
 
     return fixed_batch(run, batch, latent)
 
