@@ -336,6 +336,17 @@ def test_a_torch_backend_leaves_the_process_thread_count_as_it_was(exported, bac
     assert torch.get_num_threads() == before  # eval embeds with torch after sampling through it
 
 
+def test_a_gpu_would_compute_on_one_shape_whatever_the_batch_size(exported, tmp_path, monkeypatch):
+    """The CPU half of the GPU tests below: generate asks every backend for GPU_BATCH, not --batch-size."""
+    from gantk import backends
+
+    asked, original = [], backends.open_backend
+    monkeypatch.setattr(backends, "open_backend", lambda *a, **k: asked.append(k["batch_size"]) or original(*a, **k))
+    for bs in ("7", "300"):
+        gen(exported["onnx"], tmp_path / bs, "--count", "10", "--batch-size", bs)
+    assert asked == [backends.GPU_BATCH] * 2
+
+
 def _npy(exported, backend: str, tmp_path: Path) -> Path:
     model = exported["ckpt"] if backend == "torch" else exported["onnx"]
     out = tmp_path / f"npy-{backend}"
@@ -868,19 +879,19 @@ def test_gpu_provider_iobinding_parity_and_determinism(exported, tmp_path, provi
     gen(exported["onnx"], tmp_path / "c", "--provider", provider, "--count", "600", "--batch-size", "64")
     gen(exported["onnx"], tmp_path / "cpu", "--provider", "cpu", "--count", "600")
     a = pngs(tmp_path / "a")
-    for other in ("c", "cpu"):  # another fixed shape / another device: parity-level, not guaranteed bytes
-        same = sum(a[n] == b for n, b in pngs(tmp_path / other).items())
-        print(f"{provider}: {same}/600 PNGs byte-identical to batch 256 with {other}")
-        assert same >= 570
+    assert pngs(tmp_path / "c") == a  # another --batch-size: the same compute shape (GPU_BATCH)
+    same = sum(a[n] == b for n, b in pngs(tmp_path / "cpu").items())  # another device: parity-level
+    print(f"{provider}: {same}/600 PNGs byte-identical to the CPU's")
+    assert same >= 570
 
 
 @pytest.mark.gpu
 def test_gpu_torch_backend_fixed_batch_split_invariant(exported, tmp_path):
     args = ["--backend", "torch", "--provider", "cuda", "--batch-size", "128"]
     doc = json.loads(gen(exported["ckpt"], tmp_path / "a", *args, "--count", "300", "--json").stdout)
-    assert doc["provider"] == "cuda" and doc["settings"]["fixed_batch"] == 128
+    assert doc["provider"] == "cuda" and doc["settings"]["fixed_batch"] == 256  # GPU_BATCH, whatever --batch-size
     gen(exported["ckpt"], tmp_path / "b", *args, "--count", "100")
-    gen(exported["ckpt"], tmp_path / "b", *args, "--start", "100", "--count", "200")
+    gen(exported["ckpt"], tmp_path / "b", *args[:-1], "7", "--start", "100", "--count", "200")
     assert pngs(tmp_path / "a") == pngs(tmp_path / "b")
     gen(exported["ckpt"], tmp_path / "cpu", "--backend", "torch", "--provider", "cpu", "--count", "300")
     same = sum(pngs(tmp_path / "a")[n] == b for n, b in pngs(tmp_path / "cpu").items())

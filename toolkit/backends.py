@@ -34,6 +34,9 @@ PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
 IMAGE_SHAPE = (1, 32, 32)
 MAX_STREAMS = 8   # default onnxruntime CPU streams for npy, at most (more is unmeasured)
 FIXED_BATCH = 64  # compute shape of the torch backends on CPU (position in a fixed-shape batch is invariant)
+# generate's compute shape on a GPU, whatever --batch-size: cuDNN picks kernels by shape, so another shape
+# may move a pixel; the fastest for onnxruntime CUDA and generate end to end on an H200 (BENCHMARKS.md)
+GPU_BATCH = 256
 ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 

@@ -916,11 +916,11 @@ def _generate(req, model, backend, provider, asked, progress, world) -> dict[str
 
 
 def _open_and_write(req, model, backend, provider, asked, progress, world, pool) -> dict[str, Any]:
-    from .backends import open_backend
+    from .backends import GPU_BATCH, open_backend
     from .checkpoint import sha256
 
     out = Path(req.out)
-    be = open_backend(backend, model, provider=provider, batch_size=req.batch_size, threads=asked[0],
+    be = open_backend(backend, model, provider=provider, batch_size=GPU_BATCH, threads=asked[0],
                       streams=asked[1], fmt=req.fmt)
     identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
                 "latent_shape": list(be.latent_shape)}
