@@ -248,7 +248,7 @@ def gpu_section(g, files: dict[str, Path], *, device: str = "cuda", batch_sizes=
                      "images_per_s": round(rate, 1), "gflops": round(gflops, 1),
                      "peak_share": round(gflops / top, 4) if top else None, "note": r.note, **parity(outs[i], ref)})
     return {"device": _device_name(device), "batch_sizes": list(batch_sizes), "repeats": repeats,
-            "peaks_gflops": {k: round(v, 1) for k, v in peaks.items()}, "rows": rows, "not_started": failed}
+            "peaks_gflops": {k: float(f"{v:.4g}") for k, v in peaks.items()}, "rows": rows, "not_started": failed}
 
 
 def _device_name(device: str) -> str:
