@@ -75,6 +75,27 @@ def default_sigterm():
 
 
 @contextlib.contextmanager
+def signals_wait() -> Iterator[None]:
+    """Inside, a further Ctrl-C or SIGTERM is noted, not raised: the short clean-up after a stop (recording
+    what was written) runs to its end, rather than leaving a record behind the disk."""
+    import logging
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum, frame):
+        logging.getLogger("gantk").warning("signal %d: already stopping, recording what was written first", signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
 def _on_sigterm(handler) -> Iterator[None]:
     """`handler` for SIGTERM inside, the previous one after; only the main thread may set handlers."""
     if threading.current_thread() is not threading.main_thread():

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import GantkError, Interrupted, UsageError, VerificationError, sigterm_as_interrupt
+from .errors import GantkError, Interrupted, UsageError, VerificationError, signals_wait, sigterm_as_interrupt
 
 log = logging.getLogger("gantk")
 
@@ -676,6 +676,7 @@ def _worker_init(parent: int) -> None:
 
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked inside the main process's SIGTERM handler
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -795,7 +796,8 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
                 folder.flush(force=False)
         settle(True)
     except BaseException:
-        _settle_after_failure(pending, folder, pool)
+        with signals_wait():
+            _settle_after_failure(pending, folder, pool)
         raise
     return stats
 
@@ -911,7 +913,8 @@ def _generate(req, model, backend, provider, asked, progress, world) -> dict[str
         try:
             return _open_and_write(req, model, backend, provider, asked, progress, world, pool)
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # drop noise drawn ahead; finish what runs
+            with signals_wait():
+                pool.shutdown(wait=True, cancel_futures=True)  # drop noise drawn ahead; finish what runs
             raise
 
 
@@ -978,8 +981,9 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
 
             atomic_write_bytes(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
     except KeyboardInterrupt as e:  # the writers' finished files are in the manifest (write_pngs saw to it)
-        folder.writer = True
-        folder.flush()  # a stop after writing: the last images too
+        with signals_wait():
+            folder.writer = True
+            folder.flush()  # a stop after writing: the last images too
         done = sum(i in folder.files for i in req.indices()) if req.fmt == "png" else 0
         whose = f" of rank {world.rank}'s shard" if world.active else ""
         raise Interrupted(f"interrupted: {done} of {len(req.indices())} images{whose} are in {out}; the same "
