@@ -564,10 +564,10 @@ def test_divergence_raises_in_the_library(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ signals (real processes)
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+def _start(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "gantk", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def _wait_for_rows(metrics: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -580,14 +580,22 @@ def _wait_for_rows(metrics: Path, proc: subprocess.Popen, timeout: float = 60) -
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, sig, code):
+def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, default_signals, sig, code):
+    """SIGTERM as a scheduler sends it, to the whole job, data-loader workers included."""
     args = ["train", "--data", "synthetic", "--data-count", "640", "--arch", "seed", "--epochs", "40",
             "--max-steps", "60", "--log-every", "1", "--sample-every", "100", "--runs-dir", "runs"]
-    proc = _start([*args, "--run", "cut"], tmp_path)
+    job = sig == signal.SIGTERM
+    if job:
+        args += ["--workers", "2"]
+    proc = _start([*args, "--run", "cut"], tmp_path, start_new_session=job, preexec_fn=default_signals)
     _wait_for_rows(tmp_path / "runs" / "cut" / "metrics.csv", proc)
-    proc.send_signal(sig)
+    if job:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
+    assert err.count("saving at the next step boundary") == 1, err  # the workers stay quiet
     assert "resume with: gantk train --resume runs/cut/checkpoints/last.pt --max-steps 60" in err
     stopped = ckpt.load(tmp_path / "runs" / "cut" / "checkpoints" / "last.pt")
     assert 0 < stopped["step"] < 60, "the signal arrived after training ended; the test proves nothing"

@@ -680,6 +680,7 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
             # a resume (one loader more, mid-epoch) would leave in another state than a straight run
             loader = torch.utils.data.DataLoader(_Batches(images), sampler=batches, batch_size=None,
                                                  num_workers=cfg.workers, pin_memory=pin,
+                                                 worker_init_fn=_deaf_to_stops,
                                                  generator=torch.Generator().manual_seed(cfg.seed))
             for x in loader:
                 figures = t.train_step(x.to(t.device, non_blocking=True), stop=stop["signum"] is not None)
@@ -711,6 +712,14 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
                     distributed.barrier(t.world)  # nobody exits (and so signals the others) before the save
                     again = resume_command(run.last, cfg, world_size=t.world.size)
                     raise Interrupted(f"stopped at step {t.step}; resume with: {again}", stop["signum"] or signal.SIGTERM)
+
+
+def _deaf_to_stops(worker_id: int) -> None:
+    """A data-loader worker ignores Ctrl-C and SIGTERM sent to the whole job (a terminal, a scheduler): the
+    main process stops at a step boundary and ends the workers itself. A worker killed by SIGTERM made
+    the main process fail without a save; one that kept the handler it was forked with said so again."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _checkpoint(t: Trainer, run: RunFolder, *, numbered: bool) -> None:
