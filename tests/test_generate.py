@@ -632,6 +632,17 @@ def test_overwrite_keeps_files_no_manifest_vouches_for(exported, tmp_path):
     assert (out / "000008.png").read_bytes() == b"a user's picture"
 
 
+@pytest.mark.parametrize("fmt, name", [("png", "000025.png"), ("npy", "images-000000-000030.npy")])
+def test_a_users_file_in_a_folder_gantk_writes_to_is_kept(exported, tmp_path, fmt, name):
+    out = tmp_path / "d"
+    gen(exported["onnx"], out, "--count", "20", "--format", fmt)
+    (out / name).write_bytes(b"mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = gen(exported["onnx"], out, "--count", "30", "--format", fmt, code=2)
+    assert f"{out / name} exists, no manifest lists it and it is not" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # not a file written, nor the manifest
+
+
 def test_overwrite_keeps_an_array_no_manifest_vouches_for(exported, tmp_path):
     out = tmp_path / "d"
     gen(exported["onnx"], out, "--count", "10", "--format", "npy")

@@ -443,8 +443,8 @@ def plan_pngs(folder: Folder, indices: range, replaced: dict | None = None) -> t
     """Indices still to write, and how many are already there with their recorded hash.
 
     A file on disk that no manifest vouches for is refused, unless the folder is this identity's (then
-    it is a crash's leftover, regenerated and compared). Under --overwrite only the old identity's files
-    whose bytes are still gantk's may go."""
+    it may be a killed run's: `adopt_unrecorded` checks it). Under --overwrite only the old identity's
+    files whose bytes are still gantk's may go."""
     old = {e["file"]: e["sha256"] for e in (replaced or {}).get("files", [])}
     todo, kept = [], 0
     for i in indices:
@@ -458,6 +458,24 @@ def plan_pngs(folder: Folder, indices: range, replaced: dict | None = None) -> t
         else:
             todo.append(i)
     return todo, kept
+
+
+def adopt_unrecorded(backend, req: Request, folder: Folder, todo: list[int]) -> tuple[list[int], int]:
+    """In a folder of this identity, the files at indices still to write that no manifest lists (a run
+    killed between writing them and recording them, or a run writing beside this one): each is this
+    run's image again, recorded as it is, or another file, which is refused before anything is written.
+    Returns the indices left to write and how many were recorded."""
+    unrecorded = [i for i in todo if i not in folder.files and (folder.path / file_name(i)).exists()]
+    for lo in range(0, len(unrecorded), req.batch_size):
+        idx = unrecorded[lo:lo + req.batch_size]
+        for i, px in zip(idx, to_pixels(backend(noise(req.seed, idx, backend.latent_shape)))):
+            path, data = folder.path / file_name(i), encode_png(px)
+            if _read_or_none(path) != data:
+                raise UsageError(f"{path} exists, no manifest lists it and it is not image {i} of this model "
+                                 f"and seed; move it away or choose another --out")
+            folder.files[i] = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest()}
+    left = set(todo).difference(unrecorded)
+    return [i for i in todo if i in left], len(unrecorded)
 
 
 def check_npy(folder: Folder, name: str, replaced: dict | None) -> None:
@@ -839,6 +857,9 @@ def write_npy(backend, req: Request, folder: Folder, pool: Executor, progress: P
         np.save(buf, arr, allow_pickle=False)
         data = buf.getbuffer()  # no third copy of the images
         wrote = not (path.is_file() and path.read_bytes() == data)
+        if wrote and entry is None and path.exists():  # in no manifest, and not this run's array
+            raise UsageError(f"{path} exists, no manifest lists it and it is not this run's array; move it "
+                             f"away or choose another --out")
         if wrote:
             _write_atomic(path, data)
     folder.arrays[name] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "first": idx[0],
@@ -938,6 +959,9 @@ def _open_and_write(req, model, backend, provider, asked, progress, world, pool)
     if req.fmt == "npy" and out.is_dir():
         check_npy(folder, npy_name(req), replaced)
     parity = parity_check(be, req)
+    if req.fmt == "png" and folder.claimed and replaced is None:
+        todo, adopted = adopt_unrecorded(be, req, folder, todo)
+        kept += adopted
     return _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
 
 
