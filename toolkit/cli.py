@@ -37,7 +37,19 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     log.propagate = False
 
 
+_PROCESS = {"own": False}  # True when gantk is the process (main), not a caller's CliRunner
+
+
+def _deaf() -> None:
+    """Stopped and saved: what is left is a line and the exit, which a further signal would only break
+    (tracebacks from Python's exit handlers)."""
+    if _PROCESS["own"]:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _interrupted(e: KeyboardInterrupt) -> None:
+    _deaf()
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one says so
         click.echo("gantk: interrupted", err=True)
     sys.exit(128 + getattr(e, "signum", signal.SIGINT))
@@ -59,6 +71,8 @@ def handle_errors(fn: Callable) -> Callable:
                 traceback.print_exc()  # and the same exit code as without --debug
             from .errors import Interrupted, interrupt_behind
 
+            if isinstance(e, Interrupted):
+                _deaf()
             stop = None if isinstance(e, Interrupted) else interrupt_behind(e)
             if stop is not None:  # a library's error while it was stopped: the stop is what happened
                 _interrupted(stop)
@@ -671,6 +685,7 @@ def bench_cmd(**o: Any) -> None:
 
 
 def main() -> None:
+    _PROCESS["own"] = True
     cli(prog_name="gantk")
 
 
