@@ -627,7 +627,7 @@ def test_overwrite_keeps_files_no_manifest_vouches_for(exported, tmp_path):
     (out / "000002.png").write_bytes(b"edited by hand")      # was gantk's, no longer its bytes
     (out / "000008.png").write_bytes(b"a user's picture")    # never gantk's, inside the new range
     r = gen(exported["onnx"], out, "--count", "10", "--seed", "1", "--overwrite", code=2)
-    assert "not written by gantk" in r.stderr
+    assert "the manifest of the output --overwrite replaces does not list it with these bytes" in r.stderr
     assert (out / "000002.png").read_bytes() == b"edited by hand"
     assert (out / "000008.png").read_bytes() == b"a user's picture"
 
@@ -652,7 +652,7 @@ def test_overwrite_keeps_an_array_no_manifest_vouches_for(exported, tmp_path):
     mine = tmp_path / "p" / "images-000000-000010.npy"
     np.save(mine, np.full((3, 3), 7, np.uint8))
     r = gen(exported["onnx"], tmp_path / "p", "--count", "10", "--format", "npy", "--overwrite", code=2)
-    assert f"{mine} exists and was not written by gantk" in r.stderr
+    assert f"{mine} exists and the manifest of the output --overwrite replaces does not list it" in r.stderr
     assert np.load(mine).tolist() == [[7] * 3] * 3
 
 

@@ -452,9 +452,10 @@ def plan_pngs(folder: Folder, indices: range, replaced: dict | None = None) -> t
         path = folder.path / file_name(i)
         if entry and entry["file"] == path.name and _sha256_file(path) == entry["sha256"]:
             kept += 1
-        elif entry is None and path.exists() and (not folder.claimed or replaced is not None) \
-                and old.get(path.name) != _sha256_file(path):
+        elif entry is None and path.exists() and not folder.claimed:
             raise _not_ours(path)
+        elif entry is None and path.exists() and replaced is not None and old.get(path.name) != _sha256_file(path):
+            raise _not_replaced(path)
         else:
             todo.append(i)
     return todo, kept
@@ -484,11 +485,17 @@ def check_npy(folder: Folder, name: str, replaced: dict | None) -> None:
     path = folder.path / name
     old = {e["file"]: e["sha256"] for e in (replaced or {}).get("arrays", [])}
     if replaced is not None and name not in folder.arrays and path.exists() and old.get(name) != _sha256_file(path):
-        raise _not_ours(path)
+        raise _not_replaced(path)
 
 
 def _not_ours(path: Path) -> UsageError:
     return UsageError(f"{path} exists and was not written by gantk; move it away or choose another --out")
+
+
+def _not_replaced(path: Path) -> UsageError:
+    return UsageError(f"{path} exists and the manifest of the output --overwrite replaces does not list it with "
+                      f"these bytes (your file, or one a killed run did not record); move it away or choose "
+                      f"another --out")
 
 
 def _refuse_foreign(folder: Folder, names: list[str]) -> None:
