@@ -742,11 +742,13 @@ def test_parity_indices_spread_over_the_range():
     (["--atol", "-1"], "--atol"), (["--atol", "nan"], "--atol"), (["--no-parity", "--reference", "x.pt"], "--reference"),
     (["--backend", "torch", "--reference", "x.pt"], "drop --reference"),
     (["--count", str(10**14)], "PNGs need about"), (["--count", str(10**14), "--format", "npy"], "in memory"),
+    (["--out", ""], "'--out': is empty"),  # not the current folder
 ])
-def test_bad_numbers_exit_2_and_write_nothing(exported, tmp_path, args, needle):
+def test_bad_numbers_exit_2_and_write_nothing(exported, tmp_path, args, needle, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     r = gen(exported["onnx"], tmp_path / "out", *args, code=2)
     assert needle in r.stderr
-    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("frsize, free, files, favail, fits", [

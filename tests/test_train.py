@@ -626,6 +626,7 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, def
     (["--run", "../elsewhere"], "--run is a folder name under --runs-dir"),
     (["-q", "-v"], "-q and -v contradict"),
     (["--lr", "nan"], "learning rates must be positive and finite"),
+    (["--lr-d", "0"], "learning rates must be positive and finite, got 0.0002 (G) 0 (D)"),  # 0 is no default
 ])
 def test_bad_input_is_exit_2_with_one_line(tmp_path, offline, args, needle):
     if "--device" in args and torch.cuda.is_available():

@@ -112,6 +112,22 @@ def _progress_bar(total: int, initial: int, desc: str):
                 disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
+class _Out(click.Path):
+    """A path to write to: never empty (it would be the current folder); for a file, not one ending in a
+    slash (pathlib drops it, and a file of the folder's name would be written)."""
+
+    def __init__(self, *, file: bool):
+        super().__init__(path_type=Path)  # an existing folder for a file: the command says what to give
+        self.file = file
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path", param, ctx)
+        if self.file and isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value!r} ends in a slash, so names a folder; give a file path inside it", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class _OneLineUsage(click.UsageError):
     """Click's usage errors in gantk's form: one line on stderr, exit 2."""
 
@@ -227,7 +243,7 @@ def train(**o: Any) -> None:
     recipe = dict(TUTORIAL) if o["recipe"] == "tutorial" else {}
     picks = dict(arch=o["arch"], epochs=o["epochs"], loss=o["loss"], spectral_norm=o["spectral_norm"],
                  label_smoothing=o["label_smoothing"], ema_decay=o["ema_decay"], lr_g=o["lr"],
-                 lr_d=o["lr_d"] or o["lr"], amp=o["amp"])
+                 lr_d=o["lr"] if o["lr_d"] is None else o["lr_d"], amp=o["amp"])
     recipe.update({k: v for k, v in picks.items() if v is not None})
     config = TrainConfig(data=o["data"], data_count=o["data_count"], max_steps=o["max_steps"],
                          batch_size=o["batch_size"], beta1=o["betas"][0], beta2=o["betas"][1], seed=o["seed"],
@@ -344,7 +360,7 @@ def doctor(as_json: bool) -> None:
 @click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="auto", show_default=True,
               help="Where it runs; auto takes the GPU when usable, else the CPU (with a warning where a GPU is "
                    "there but unusable); an explicit one must be active.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("digits"), show_default=True)
+@click.option("--out", type=_Out(file=False), default=Path("digits"), show_default=True)
 @click.option("--count", type=int, default=10000, show_default=True)
 @click.option("--start", type=int, default=0, show_default=True, help="First index.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed: image i depends on (model, seed, i).")
@@ -457,7 +473,7 @@ def _export_formats() -> list[str]:
 @click.option("--format", "fmt", type=click.Choice(_export_formats()), default="onnx", show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Checkpoint or run folder [default: the newest run's last.pt].")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=_Out(file=True), default=None,
               help="Output file [default: runs/<run>/export/generator.onnx or generator.pt; generator-<dtype>.* "
                    "for fp16/bf16].")
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: 20].")
@@ -544,7 +560,7 @@ def classifier_group() -> None:
 @click.option("--data", default="mnist", show_default=True,
               help="Labelled digits: mnist, synthetic, an IDX file with its labels beside it, digit-named folders, .npz.")
 @click.option("--count", type=int, default=None, help="Use the first N images, in file order (a folder: sorted paths; synthetic: render N).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CLASSIFIER, show_default=True)
+@click.option("--out", type=_Out(file=True), default=DEFAULT_CLASSIFIER, show_default=True)
 @click.option("--epochs", type=int, default=6, show_default=True)
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Share held out to measure accuracy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the order and the weights.")
@@ -588,7 +604,7 @@ def classifier_train(**o: Any) -> None:
               help="Where a model runs, as for generate.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Reference statistics cache [default: $GANTK_CACHE/eval].")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--report", type=_Out(file=True), default=None,
               help="Write a one-page PNG report (of the first source).")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
               help="Where the default source (the newest run) and classifier are.")

@@ -50,23 +50,23 @@ class TrainConfig:
             raise UsageError(f"unknown loss {self.loss!r} (choose logits or bce)")
         for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "sample_every"):
             if getattr(self, name) < 1:
-                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.data_count is not None and self.data_count < 1:
-            raise UsageError(f"data-count must be at least 1, got {self.data_count}")
+            raise UsageError(f"--data-count must be at least 1, got {self.data_count}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"max-steps must be at least 1, got {self.max_steps}")
+            raise UsageError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.eval_every < 0 or self.eval_count < 1:
-            raise UsageError("eval-every must not be negative and eval-count must be at least 1")
+            raise UsageError("--eval-every must not be negative and --eval-count must be at least 1")
         if self.keep < 0 or self.workers < 0:
-            raise UsageError("keep and workers must not be negative")
+            raise UsageError("--keep and --workers must not be negative")
         if not (0.0 <= self.ema_decay < 1.0):
-            raise UsageError(f"ema-decay must be in [0, 1), got {self.ema_decay}")
+            raise UsageError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not (0.5 < self.label_smoothing <= 1.0):
-            raise UsageError(f"label-smoothing must be in (0.5, 1], got {self.label_smoothing}")
+            raise UsageError(f"--label-smoothing must be in (0.5, 1], got {self.label_smoothing}")
         if not (0 < self.lr_g < math.inf and 0 < self.lr_d < math.inf):  # NaN fails both
             raise UsageError(f"learning rates must be positive and finite, got {self.lr_g:g} (G) {self.lr_d:g} (D)")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise UsageError(f"betas must be in [0, 1), got {self.beta1} {self.beta2}")
+            raise UsageError(f"--betas must be in [0, 1), got {self.beta1} {self.beta2}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
