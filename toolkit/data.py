@@ -129,8 +129,12 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     size = int(np.prod(shape))
+    if size == 0:
+        raise DataError(f"{path}: the IDX header declares shape {shape}, which holds no data")
     if len(raw) - header != size:
-        raise DataError(f"{path}: IDX data is {len(raw) - header} bytes, header promises {size} (truncated?)")
+        why = "cut short" if len(raw) - header < size else "not the shape it declares"
+        raise DataError(f"{path}: IDX data is {len(raw) - header} bytes, its header's shape {shape} holds {size} "
+                        f"({why})")
     return np.frombuffer(raw, np.uint8, size, header).reshape(shape).copy()
 
 
@@ -181,6 +185,8 @@ def _as_uint8(a: np.ndarray, path: Path) -> np.ndarray:
         raise DataError(f"{path}: expected images of shape (N, H, W) or (N, 1, H, W), got {a.shape}")
     if a.dtype == np.uint8:
         return a
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"{path}: images of dtype {a.dtype}; expected numbers (uint8, or float pixels)")
     a = a.astype(np.float32)
     if not np.isfinite(a).all():
         raise DataError(f"{path}: images contain NaN or inf")
