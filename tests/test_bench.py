@@ -6,6 +6,7 @@ here asserts a timing: the bench is checked for its shape and its parity figures
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,19 @@ def test_wrong_fold_fails_parity(dtype, monkeypatch):
     atol = TOLERANCE["fp32"] if dtype == "fp32" else BF16_ATOL
     parity = compare(_runner(fold.channels_last(g, dtype=dtype)), g, atol=atol)
     assert not parity.ok
+
+
+def test_a_route_beyond_its_tolerance_is_warned_about_once(caplog):
+    from gantk.bench import _warn_off_parity
+
+    row = dict(route="onnxruntime", precision="fp32", threads=1, streams=2, pixels_off=0.92)
+    rows = [{**row, "batch": 1, "max_abs_diff": 0.3}, {**row, "batch": 64, "max_abs_diff": 0.3},
+            {**row, "precision": "fp16", "batch": 1, "max_abs_diff": 5e-3}]  # within fp16's 1e-2
+    with caplog.at_level(logging.WARNING, logger="gantk"):
+        _warn_off_parity(rows)
+    assert [r.getMessage() for r in caplog.records] == [
+        "onnxruntime fp32: max abs diff 0.3 against eager fp32, beyond the fp32 tolerance 0.0001 (92.0% of pixels "
+        "off): its figures are not this checkpoint's"]
 
 
 def test_a_route_that_outputs_nan_shows_an_infinite_diff():

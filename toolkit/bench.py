@@ -395,6 +395,7 @@ def _measure(ckpt: Path, onnx: Path | None, work: Path, *, batch_sizes, repeats,
     rates, cpu, peak = interleaved(runners, noise, peaks, repeats=repeats, progress=progress)
     measured, peak = peak, peak_envelope(peak)
     rows = _rows(routes, runners, rates, cpu, peak, noise, flops["useful"], batch_sizes)
+    _warn_off_parity(rows)
     doc = {"machine": machine(), "checkpoint": str(ckpt), "onnx": str(files["onnx"]), "arch": _arch(ckpt),
            "flops_per_image": flops, "batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads,
            "peaks_gflops": {f"{dt}@{t}": round(v, 1) for (dt, t), v in peak.items()},
@@ -440,6 +441,21 @@ def _rows(routes, runners, rates, cpu, peak, noise, useful, batch_sizes) -> list
                          "peak_dtype": ("bf16" if r.precision == "bf16" else "fp32") if top else None,
                          "note": r.note, **figures})
     return rows
+
+
+def _warn_off_parity(rows: list[dict[str, Any]]) -> None:
+    """A route beyond the tolerance an export of its precision is held to computes another model: its rate
+    says nothing of this one (a --model edited after export, a wrong rewrite)."""
+    from .exporters.validate import TOLERANCE
+
+    seen = set()
+    for r in rows:
+        key = (r["route"], r["precision"], r["threads"], r["streams"])
+        if key not in seen and not r["max_abs_diff"] <= TOLERANCE[r["precision"]]:
+            log.warning("%s %s: max abs diff %.3g against eager fp32, beyond the %s tolerance %.3g (%.1f%% of "
+                        "pixels off): its figures are not this checkpoint's", r["route"], r["precision"],
+                        r["max_abs_diff"], r["precision"], TOLERANCE[r["precision"]], 100 * r["pixels_off"])
+            seen.add(key)
 
 
 def _end_to_end_rows(g, files: dict[str, Path], work: Path, *, count: int, threads: list[int],
