@@ -643,6 +643,28 @@ def test_a_users_file_in_a_folder_gantk_writes_to_is_kept(exported, tmp_path, fm
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # not a file written, nor the manifest
 
 
+def test_unrecorded_images_of_this_run_are_kept_or_written_again_and_others_refused(exported, tmp_path):
+    from PIL import Image
+
+    ref, out = tmp_path / "ref", tmp_path / "d"
+    gen(exported["onnx"], ref, "--count", "20")
+    gen(exported["onnx"], out, "--count", "20")
+    doc = json.loads((out / "manifest.json").read_text())
+    doc["files"] = [f for f in doc["files"] if f["index"] < 15]  # as a killed run leaves it
+    (out / "manifest.json").write_text(json.dumps(doc))
+    Image.open(out / "000017.png").save(out / "000017.png")  # the same pixels, another encoder's bytes
+    px = np.asarray(Image.open(out / "000018.png")).copy()
+    px[0, 0] ^= 1  # one level off: as another device computes it
+    Image.fromarray(px).save(out / "000018.png")
+    r = gen(exported["onnx"], out, "--count", "20", "--json")
+    assert (json.loads(r.stdout)["unchanged"], json.loads(r.stdout)["written"]) == (18, 2)
+    assert pngs(out) == pngs(ref)
+    (out / "manifest.json").write_text(json.dumps(doc))
+    Image.fromarray(255 - px).save(out / "000018.png")  # another image
+    r = gen(exported["onnx"], out, "--count", "20", code=2)
+    assert "000018.png exists, no manifest lists it and it is not image 18 of this model and seed" in r.stderr
+
+
 def test_overwrite_keeps_an_array_no_manifest_vouches_for(exported, tmp_path):
     out = tmp_path / "d"
     gen(exported["onnx"], out, "--count", "10", "--format", "npy")

@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -463,20 +464,45 @@ def plan_pngs(folder: Folder, indices: range, replaced: dict | None = None) -> t
 
 def adopt_unrecorded(backend, req: Request, folder: Folder, todo: list[int]) -> tuple[list[int], int]:
     """In a folder of this identity, the files at indices still to write that no manifest lists (a run
-    killed between writing them and recording them, or a run writing beside this one): each is this
-    run's image again, recorded as it is, or another file, which is refused before anything is written.
-    Returns the indices left to write and how many were recorded."""
+    killed between writing them and recording them, or a run writing beside this one). One that holds
+    this run's image is recorded as it is; one within the parity tolerance of it (written on another
+    device, or by another Pillow) is this run's and is written again; any other file is refused before
+    anything is written. Returns the indices left to write and how many were recorded."""
     unrecorded = [i for i in todo if i not in folder.files and (folder.path / file_name(i)).exists()]
+    kept = set()
     for lo in range(0, len(unrecorded), req.batch_size):
         idx = unrecorded[lo:lo + req.batch_size]
         for i, px in zip(idx, to_pixels(backend(noise(req.seed, idx, backend.latent_shape)))):
             path, data = folder.path / file_name(i), encode_png(px)
-            if _read_or_none(path) != data:
+            if _read_or_none(path) == data:
+                folder.files[i] = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest()}
+                kept.add(i)
+            elif not _close(_read_png(path), px, _levels(req, backend.metadata)):
                 raise UsageError(f"{path} exists, no manifest lists it and it is not image {i} of this model "
                                  f"and seed; move it away or choose another --out")
-            folder.files[i] = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest()}
-    left = set(todo).difference(unrecorded)
-    return [i for i in todo if i in left], len(unrecorded)
+    return [i for i in todo if i not in kept], len(kept)
+
+
+def _levels(req: Request, meta: dict[str, Any]) -> int:
+    """uint8 levels two outputs within the parity tolerance of eager may differ by (both pass the check)."""
+    atol = req.atol if req.atol is not None else _default_atol(meta)
+    return max(1, math.ceil(2 * atol * 127.5))
+
+
+def _close(pixels: np.ndarray | None, want: np.ndarray, levels: int) -> bool:
+    return pixels is not None and pixels.shape == want.shape and \
+        int(np.abs(pixels.astype(np.int16) - want).max()) <= levels
+
+
+def _read_png(path: Path) -> np.ndarray | None:
+    """A file's pixels when it is an 8-bit grayscale image, else None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im) if im.mode == "L" else None
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def check_npy(folder: Folder, name: str, replaced: dict | None) -> None:
@@ -839,6 +865,14 @@ def _settle_after_failure(pending: collections.deque, folder: Folder, pool: Exec
     folder.flush()
 
 
+def _read_npy(path: Path) -> np.ndarray | None:
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return a if isinstance(a, np.ndarray) and a.dtype == np.uint8 else None
+
+
 def npy_name(req: Request) -> str:
     first = req.indices()[0]
     name = f"images-{first:0{NAME_WIDTH}d}-{req.stop:0{NAME_WIDTH}d}"
@@ -864,7 +898,7 @@ def write_npy(backend, req: Request, folder: Folder, pool: Executor, progress: P
         np.save(buf, arr, allow_pickle=False)
         data = buf.getbuffer()  # no third copy of the images
         wrote = not (path.is_file() and path.read_bytes() == data)
-        if wrote and entry is None and path.exists():  # in no manifest, and not this run's array
+        if wrote and entry is None and path.exists() and not _close(_read_npy(path), arr, _levels(req, backend.metadata)):
             raise UsageError(f"{path} exists, no manifest lists it and it is not this run's array; move it "
                              f"away or choose another --out")
         if wrote:
