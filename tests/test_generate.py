@@ -539,8 +539,30 @@ def test_a_second_signal_waits_for_the_clean_up_that_records_the_images(caplog):
     with caplog.at_level(logging.WARNING, logger="gantk"), signals_wait():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs here, and raises nothing
-    assert "signal 2: already stopping, recording what was written first" in caplog.text
+    assert "signal 2: already stopping, recording what was written first (again to stop at once)" in caplog.text
     assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt), signals_wait():  # one more: a clean-up that hangs can be stopped
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_signal_while_the_report_is_on_its_way_keeps_the_report(exported, tmp_path, monkeypatch):
+    """A stop's report, hit by a further signal on its way out, is still the report (not 'before any image')."""
+    import gantk.generate as G
+    from gantk.errors import Interrupted
+
+    def stopped(*a, **k):
+        try:
+            raise Interrupted("interrupted: 5 of 20 images are in d; the same command writes the rest")
+        except Interrupted:
+            raise KeyboardInterrupt  # the further signal
+
+    monkeypatch.setattr(G, "_generate", stopped)
+    with pytest.raises(Interrupted, match="interrupted: 5 of 20 images are in d"):
+        G.generate(Request(out=tmp_path / "d", count=20), model=exported["onnx"])
 
 
 @pytest.mark.parametrize("where", ["parity_check", "write_grid"])

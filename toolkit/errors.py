@@ -77,15 +77,21 @@ def default_sigterm():
 @contextlib.contextmanager
 def signals_wait() -> Iterator[None]:
     """Inside, a further Ctrl-C or SIGTERM is noted, not raised: the short clean-up after a stop (recording
-    what was written) runs to its end, rather than leaving a record behind the disk."""
+    what was written) runs to its end, rather than leaving a record behind the disk. One more stops it."""
     import logging
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    noted = []
+
     def note(signum, frame):
-        logging.getLogger("gantk").warning("signal %d: already stopping, recording what was written first", signum)
+        if noted:  # a third: the clean-up itself hangs (a stuck disk), so stop it
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        noted.append(signum)
+        logging.getLogger("gantk").warning("signal %d: already stopping, recording what was written first "
+                                           "(again to stop at once)", signum)
 
     previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -957,6 +957,8 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
         with sigterm_as_interrupt():
             return _generate(req, model, backend, provider, (threads, streams), progress or (lambda ev: None), world)
     except KeyboardInterrupt as e:  # before the first image (`_write` handles the rest)
+        if isinstance(e.__context__, Interrupted):  # a further signal while `_write`'s report was on its way
+            raise e.__context__ from None
         raise Interrupted("interrupted before any image was written", getattr(e, "signum", signal.SIGINT)) from None
     finally:
         distributed.shutdown(created)
@@ -1049,10 +1051,11 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
         with signals_wait():
             folder.writer = True
             folder.flush()  # a stop after writing: the last images too
-        done = sum(i in folder.files for i in req.indices()) if req.fmt == "png" else 0
-        whose = f" of rank {world.rank}'s shard" if world.active else ""
-        raise Interrupted(f"interrupted: {done} of {len(req.indices())} images{whose} are in {out}; the same "
-                          f"command writes the rest", getattr(e, "signum", signal.SIGINT)) from None
+            done = sum(i in folder.files for i in req.indices()) if req.fmt == "png" else 0
+            whose = f" of rank {world.rank}'s shard" if world.active else ""
+            stop = Interrupted(f"interrupted: {done} of {len(req.indices())} images{whose} are in {out}; the "
+                               f"same command writes the rest", getattr(e, "signum", signal.SIGINT))
+        raise stop from None
     return {**summary, "summary_written": write}
 
 
