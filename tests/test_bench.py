@@ -91,9 +91,10 @@ def test_wrong_fold_fails_parity(dtype, monkeypatch):
 def test_a_route_beyond_its_tolerance_is_warned_about_once(caplog):
     from gantk.bench import _warn_off_parity
 
-    row = dict(route="onnxruntime", precision="fp32", threads=1, streams=2, pixels_off=0.92)
-    rows = [{**row, "batch": 1, "max_abs_diff": 0.3}, {**row, "batch": 64, "max_abs_diff": 0.3},
-            {**row, "precision": "fp16", "batch": 1, "max_abs_diff": 5e-3}]  # within fp16's 1e-2
+    row = dict(route="onnxruntime", precision="fp32", threads=1, pixels_off=0.92, max_abs_diff=0.3)
+    rows = [{**row, "batch": 1, "streams": 1}, {**row, "batch": 64, "streams": 2},  # as _rows makes them
+            {**row, "threads": 2, "batch": 64, "streams": 1},
+            {**row, "precision": "fp16", "batch": 1, "streams": 1, "max_abs_diff": 5e-3}]  # within fp16's 1e-2
     with caplog.at_level(logging.WARNING, logger="gantk"):
         _warn_off_parity(rows)
     assert [r.getMessage() for r in caplog.records] == [

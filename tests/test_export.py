@@ -465,9 +465,10 @@ def test_bad_options_exit_2(ckpt, tmp_path, args, code, needle):
 def test_out_is_a_directory_exit_2(ckpt, tmp_path):
     r = _export(["--checkpoint", str(ckpt), "--out", str(tmp_path)])
     assert r.exit_code == 2 and "directory" in r.stderr and str(tmp_path) in r.stderr
-    r = _export(["--checkpoint", str(ckpt), "--out", f"{tmp_path / 'new'}/"])  # pathlib would drop the slash
-    assert r.exit_code == 2 and "ends in a slash, so names a folder" in r.stderr, r.output
-    assert not (tmp_path / "new").exists()
+    for folder in (f"{tmp_path / 'new'}/", f"{tmp_path / 'new'}/."):  # pathlib would drop the "/" and "/."
+        r = _export(["--checkpoint", str(ckpt), "--out", folder])
+        assert r.exit_code == 2 and f"{folder!r} names a folder; give a file path inside it" in r.stderr, r.output
+        assert not (tmp_path / "new").exists()
 
 
 def test_out_replaces_only_a_gantk_export(ckpt, tmp_path):

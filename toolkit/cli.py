@@ -123,8 +123,9 @@ class _Out(click.Path):
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             self.fail("is empty; give a path", param, ctx)
-        if self.file and isinstance(value, str) and value.endswith(("/", os.sep)):
-            self.fail(f"{value!r} ends in a slash, so names a folder; give a file path inside it", param, ctx)
+        if self.file and isinstance(value, str) and (value.endswith(("/", os.sep)) or
+                                                     os.path.basename(value) in (".", "..")):
+            self.fail(f"{value!r} names a folder; give a file path inside it", param, ctx)
         return super().convert(value, param, ctx)
 
 
