@@ -225,8 +225,8 @@ def _load_folder(path: Path) -> Digits:
     lab = np.array(labels, np.int64)
     stray = np.flatnonzero(lab < 0)
     if 0 < len(stray) < len(lab):
-        log.warning("%s: %d of %d images lie outside the class folders 0-9 (such as %s): the folder is read "
-                    "without labels", path, len(stray), len(lab), files[stray[0]])
+        log.warning("%s: %d of %d images are not directly in a digit-named class folder (such as %s): the "
+                    "folder is read without labels", path, len(stray), len(lab), files[stray[0]])
     return Digits(np.stack(images), None if len(stray) else lab, str(path))
 
 
