@@ -898,10 +898,10 @@ def write_npy(backend, req: Request, folder: Folder, pool: Executor, progress: P
         np.save(buf, arr, allow_pickle=False)
         data = buf.getbuffer()  # no third copy of the images
         wrote = not (path.is_file() and path.read_bytes() == data)
-        ours = lambda: _close(_read_npy(path), arr, _levels(req, backend.metadata))  # noqa: E731
-        if wrote and entry is None and path.exists() and not ours():  # another device's copy is ours
-            raise UsageError(f"{path} exists, no manifest lists it and it is not this run's array; move it "
-                             f"away or choose another --out")
+        if wrote and entry is None and path.exists():  # in no manifest: ours if within parity of this array
+            if not _close(_read_npy(path), arr, _levels(req, backend.metadata)):
+                raise UsageError(f"{path} exists, no manifest lists it and it is not this run's array; move it "
+                                 f"away or choose another --out")
         if wrote:
             _write_atomic(path, data)
     folder.arrays[name] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "first": idx[0],
