@@ -687,6 +687,15 @@ def test_unrecorded_images_of_this_run_are_kept_or_written_again_and_others_refu
     assert "000018.png exists, no manifest lists it and it is not image 18 of this model and seed" in r.stderr
 
 
+def test_a_folder_where_an_image_goes_is_exit_2(exported, tmp_path):
+    out = tmp_path / "d"
+    gen(exported["onnx"], out, "--count", "5")
+    (out / "000003.png").unlink()
+    (out / "000003.png").mkdir()  # listed in the manifest, now a folder
+    r = gen(exported["onnx"], out, "--count", "5", code=2)
+    assert f"{out / '000003.png'} is a folder, where image 3 goes" in r.stderr
+
+
 def test_overwrite_keeps_an_array_no_manifest_vouches_for(exported, tmp_path):
     out = tmp_path / "d"
     gen(exported["onnx"], out, "--count", "10", "--format", "npy")

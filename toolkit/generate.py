@@ -451,6 +451,8 @@ def plan_pngs(folder: Folder, indices: range, replaced: dict | None = None) -> t
     for i in indices:
         entry = folder.files.get(i)
         path = folder.path / file_name(i)
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder, where image {i} goes; move it away or choose another --out")
         if entry and entry["file"] == path.name and _sha256_file(path) == entry["sha256"]:
             kept += 1
         elif entry is None and path.exists() and not folder.claimed:
