@@ -549,6 +549,34 @@ def test_a_second_signal_waits_for_the_clean_up_that_records_the_images(caplog):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_chunk_submitted_as_the_signal_lands_is_recorded(exported, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gantk.generate as G
+    from gantk.backends import open_backend
+
+    class Cut(ThreadPoolExecutor):
+        chunks = 0
+
+        def submit(self, fn, *a, **k):
+            fut = super().submit(fn, *a, **k)
+            if fn is G._write_chunk:
+                Cut.chunks += 1
+                if Cut.chunks == 3:
+                    fut.result()  # written
+                    raise KeyboardInterrupt  # after the submit, before write_pngs holds its future
+            return fut
+
+    out = tmp_path / "d"
+    out.mkdir()
+    be = open_backend("onnxruntime", exported["onnx"], provider="cpu")
+    req = Request(out=out, count=200, batch_size=16, writers=2)
+    folder = G.Folder(out, {"model_sha256": "x"})
+    with Cut(2) as pool, pytest.raises(KeyboardInterrupt):
+        G.write_pngs(be, req, folder, list(req.indices()), pool, lambda ev: None, G.Timing())
+    assert len(folder.files) >= 48 and sorted(folder.files) == sorted(int(p.stem) for p in out.glob("*.png"))
+
+
 def test_a_signal_while_the_report_is_on_its_way_keeps_the_report(exported, tmp_path, monkeypatch):
     """A stop's report, hit by a further signal on its way out, is still the report (not 'before any image')."""
     import gantk.generate as G

@@ -850,19 +850,26 @@ def write_pngs(backend, req: Request, folder: Folder, todo: list[int], pool: Exe
         settle(True)
     except BaseException:
         with signals_wait():
-            _settle_after_failure(pending, folder, pool)
+            _settle_after_failure(pending, folder, pool, [i for i in todo if i not in existing])
         raise
     return stats
 
 
-def _settle_after_failure(pending: collections.deque, folder: Folder, pool: Executor) -> None:
+def _settle_after_failure(pending: collections.deque, folder: Folder, pool: Executor, fresh: list[int]) -> None:
     """Interrupted: record what the writers finished, so the manifest never lags behind the disk. Under
-    torchrun every rank records its own (the flush takes in the others' under the folder's lock)."""
+    torchrun every rank records its own (the flush takes in the others' under the folder's lock).
+
+    `fresh`: the indices this run writes whose files were not there before it. One there now is this
+    run's, even when a signal landed between a chunk's submit and its entry in `pending`."""
     pool.shutdown(wait=True, cancel_futures=True)
     for fut in pending:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             for i, name, sha, _ in fut.result()[0]:
                 folder.files[i] = {"file": name, "sha256": sha}
+    for i in fresh:
+        data = None if i in folder.files else _read_or_none(folder.path / file_name(i))
+        if data is not None:
+            folder.files[i] = {"file": file_name(i), "sha256": hashlib.sha256(data).hexdigest()}
     folder.writer = True
     folder.flush()
 
