@@ -116,6 +116,25 @@ def test_generation_over_ranks_and_shards_equals_one_process(ddp_runs, tmp_path)
             assert (tmp_path / "one" / n).read_bytes() == (tmp_path / other / n).read_bytes(), (other, n)
 
 
+def test_ranks_launched_with_other_options_are_refused_not_left_waiting(tmp_path):
+    """As when each node runs its own command: rank 1 with another --max-steps."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, steps in ((0, "5"), (1, "9")):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "gantk", *TRAIN, "--run", "mixed", "--max-steps", steps],
+                                      cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err
+        assert "the ranks were launched with other max_steps (rank values: [5, 9])" in err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_training_on_two_gpus(tmp_path):

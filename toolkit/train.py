@@ -465,6 +465,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     created = distributed.init(world, device.type)
     cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
+        _same_on_every_rank(world, config)
         if config.amp is None:  # rank 0's CPU decides for every rank
             config = config.replace(amp=distributed.gather(world, default_amp(device))[0])
         if device.type == "cuda":
@@ -478,6 +479,17 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
         distributed.shutdown(created)
+
+
+def _same_on_every_rank(world: distributed.World, config: TrainConfig) -> None:
+    """Ranks launched with other options (one command per node) would wait for each other in a collective
+    until gloo's timeout: refused on every rank at once. Paths and loader workers may differ by node."""
+    local = {k: v for k, v in config.to_dict().items() if k not in ("data", "classifier", "workers")}
+    configs = distributed.gather(world, local)
+    differ = sorted(k for k in local if any(c[k] != local[k] for c in configs))
+    if differ:
+        raise UsageError(f"the ranks were launched with other {', '.join(differ)} (rank values: "
+                         f"{'; '.join(str([c[k] for c in configs]) for k in differ)}); give every node the same options")
 
 
 def _other_checkpoint(bad: Path) -> str:
