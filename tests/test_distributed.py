@@ -116,6 +116,21 @@ def test_generation_over_ranks_and_shards_equals_one_process(ddp_runs, tmp_path)
             assert (tmp_path / "one" / n).read_bytes() == (tmp_path / other / n).read_bytes(), (other, n)
 
 
+def test_a_request_that_leaves_a_rank_no_image_is_refused_by_every_rank(ddp_runs, tmp_path):
+    run = CliRunner().invoke
+    assert run(cli, ["export", "--checkpoint", str(ddp_runs / "runs" / "straight"), "--out",
+                     str(tmp_path / "g.onnx")]).exit_code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "gantk", "--", "generate", "--model", str(tmp_path / "g.onnx"), "--count", "1",
+                        "--start", "5", "--out", str(tmp_path / "o")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode != 0 and not (tmp_path / "o").exists()
+    lines = [x for x in p.stderr.splitlines() if x.startswith("gantk:")]
+    assert lines == ["gantk: error: --count 1 from --start 5 leaves rank 0 of 2 no image; generate it in one "
+                     "process, or ask for at least 2"] * 2, p.stderr[-2000:]
+
+
 def test_ranks_launched_with_other_options_are_refused_not_left_waiting(tmp_path):
     """As when each node runs its own command: rank 1 with another --max-steps."""
     import socket

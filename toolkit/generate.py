@@ -962,6 +962,11 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
             raise UsageError("--grid with --format npy under torchrun: each rank's array holds every n-th "
                              "image; draw the grid from a single-process run")
         req = dataclasses.replace(req, shard=(world.rank, world.size))
+        empty = [r for r in range(world.size) if req.count >= 1 and req.start >= 0 and
+                 not len(dataclasses.replace(req, shard=(r, world.size)).indices())]
+        if empty:  # every rank says so, rather than one rank failing and the others losing their peer
+            raise UsageError(f"--count {req.count} from --start {req.start} leaves rank {empty[0]} of {world.size} "
+                             f"no image; generate it in one process, or ask for at least {world.size}")
     created = distributed.init(world, "cpu")
     try:
         with sigterm_as_interrupt():
