@@ -131,6 +131,20 @@ def test_a_request_that_leaves_a_rank_no_image_is_refused_by_every_rank(ddp_runs
                      "process, or ask for at least 2"] * 2, p.stderr[-2000:]
 
 
+def test_a_rank_that_lost_its_peer_says_so_not_internal_error(monkeypatch, tmp_path):
+    import gantk.train
+
+    def lost(*a, **k):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    monkeypatch.setattr(gantk.train, "train", lost)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    r = CliRunner().invoke(cli, ["train", "--data", "synthetic", "--runs-dir", str(tmp_path)])
+    assert r.exit_code == 1 and r.stderr.strip() == ("gantk: error: rank 1 lost another rank of the job (that "
+                                                     "rank's own error, or torchrun's report, says why)"), r.output
+
+
 def test_ranks_launched_with_other_options_are_refused_not_left_waiting(tmp_path):
     """As when each node runs its own command: rank 1 with another --max-steps."""
     import socket

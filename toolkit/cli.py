@@ -55,6 +55,12 @@ def _interrupted(e: KeyboardInterrupt) -> None:
     sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
+def _peer_lost(e: Exception) -> bool:
+    """Under torchrun: a collective failed because another rank exited (its error is its own)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn library errors into one line on stderr and the documented exit code (traceback with --debug)."""
 
@@ -98,6 +104,10 @@ def handle_errors(fn: Callable) -> Callable:
                 _interrupted(stop)
             if debug:
                 traceback.print_exc()
+            if _peer_lost(e):
+                click.echo(f"gantk: error: rank {os.environ.get('RANK')} lost another rank of the job (that rank's "
+                           f"own error, or torchrun's report, says why)", err=True)
+                sys.exit(1)
             click.echo(f"gantk: error: internal error ({type(e).__name__}: {e})"
                        f"{'' if debug else '; rerun with --debug for the traceback'}", err=True)
             sys.exit(1)
