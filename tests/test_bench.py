@@ -131,6 +131,19 @@ def checkpoint(trained_run) -> Path:
     return trained_run / "checkpoints" / "last.pt"
 
 
+def test_a_stopped_bench_does_not_pass_on_generates_advice_for_its_temp_folder(checkpoint, monkeypatch):
+    from gantk.errors import Interrupted
+
+    def stopped(ckpt, onnx, work, **kw):
+        raise Interrupted(f"interrupted: 0 of 6000 images are in {work / 'e2e-t1-0'}; the same command writes "
+                          "the rest", 15)
+
+    monkeypatch.setattr(bench_mod, "_measure", stopped)
+    r = CliRunner().invoke(cli, ["bench", "--checkpoint", str(checkpoint)])
+    assert r.exit_code == 143 and r.stderr.strip().splitlines()[-1] == \
+        "gantk: interrupted: the bench keeps nothing (its exports and images were temporary)", r.output
+
+
 def test_bench_cli_json_rows_parity_and_targets(checkpoint, monkeypatch):
     monkeypatch.setattr(bench_mod, "MIN_IMAGES", 8)
     monkeypatch.setattr(bench_mod, "MATMUL_N", 128)

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 
 log = logging.getLogger("gantk")
 
@@ -351,8 +351,12 @@ def bench(*, model: Path | None = None, checkpoint: Path | None = None, runs_dir
     threads = tuple(threads or _thread_counts(default_threads()))
     ckpt, onnx = resolve_inputs(model=model, checkpoint=checkpoint, runs_dir=runs_dir)
     with tempfile.TemporaryDirectory(prefix="gantk-bench-") as tmp:
-        return _measure(ckpt, onnx, Path(tmp), batch_sizes=batch_sizes, repeats=repeats, count=count,
-                        threads=list(threads), e2e=e2e, gpu=gpu, progress=progress)
+        try:
+            return _measure(ckpt, onnx, Path(tmp), batch_sizes=batch_sizes, repeats=repeats, count=count,
+                            threads=list(threads), e2e=e2e, gpu=gpu, progress=progress)
+        except Interrupted as e:  # generate's own report names a folder of the bench's, about to go
+            raise Interrupted("interrupted: the bench keeps nothing (its exports and images were temporary)",
+                              e.exit_code - 128) from None
 
 
 def _thread_counts(default: int) -> tuple[int, ...]:
