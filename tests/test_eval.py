@@ -9,6 +9,7 @@ digit, which entropy and recall catch; memorisation flags copies of training ima
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -163,6 +164,17 @@ def test_score_is_deterministic_and_takes_paths(clf_path, ref_path, ref, work, m
     a = E.score(images, classifier=clf_path, reference=again)
     b = E.score(images, classifier=C.load(clf_path), reference=ref)
     assert a == b
+
+
+def test_a_cache_missing_a_member_is_rebuilt(clf, ref_path, tmp_path, caplog):
+    first = E.load_reference(str(ref_path), classifier=clf, heldout=HELDOUT, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("reference-*.npz")
+    with np.load(cached) as z:
+        np.savez(cached.with_suffix(".tmp.npz"), **{k: z[k] for k in z.files if k != "threshold"})
+    cached.with_suffix(".tmp.npz").replace(cached)
+    with caplog.at_level(logging.WARNING, logger="gantk"):
+        again = E.load_reference(str(ref_path), classifier=clf, heldout=HELDOUT, cache_dir=tmp_path)
+    assert again.threshold == first.threshold and "ignoring unreadable reference cache" in caplog.text
 
 
 def test_too_few_samples_is_a_data_error(clf, ref):

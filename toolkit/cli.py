@@ -630,6 +630,7 @@ def eval_cmd(**o: Any) -> None:
     from .errors import UsageError
     from .evaluate import evaluate
 
+    _setup_logging(0, True)  # warnings, as gantk's: its progress lines are the echo below
     if o["count"] is not None and o["count"] < 1:
         raise UsageError(f"--count must be at least 1, got {o['count']}")
     sources = list(o["sources"])

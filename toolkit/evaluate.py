@@ -128,6 +128,9 @@ def _embed_reference(train: np.ndarray, held: np.ndarray, classifier: Classifier
             "heldout_probs": held_probs, "threshold": np.float64(np.quantile(dist, MEMO_QUANTILE))}
 
 
+_CACHED = ("features", "mu", "sigma", "heldout_features", "heldout_probs", "threshold")
+
+
 def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
@@ -135,7 +138,9 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as z:
             stats = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        log.warning("ignoring unreadable reference cache %s", path)
+        stats = {}
+    if not set(_CACHED) <= set(stats):
+        log.warning("ignoring unreadable reference cache %s (rebuilt)", path)
         return None
     log.info("reference statistics from cache %s", path)
     return stats
