@@ -223,7 +223,7 @@ def test_bench_inputs_resolve_a_run_folder_and_refuse_a_model_of_another_checkpo
     assert ckpt == trained_run / "checkpoints" / "last.pt" and model == onnx
     other = tmp_path / "other.pt"
     other.write_bytes(ckpt.read_bytes() + b"\0")  # another file (the zip reader ignores a trailing byte)
-    with pytest.raises(UsageError, match="was not exported from .* as it is now"):
+    with pytest.raises(UsageError, match="was exported from a checkpoint of sha256 .*, which .* no longer is"):
         bench_mod.resolve_inputs(model=onnx, checkpoint=other, runs_dir=tmp_path)
     with pytest.raises(UsageError, match="bench takes an ONNX export"):
         bench_mod.resolve_inputs(model=ts, checkpoint=ckpt, runs_dir=tmp_path)
@@ -235,6 +235,11 @@ def test_bench_inputs_resolve_a_run_folder_and_refuse_a_model_of_another_checkpo
         run / "export" / "generator.onnx"
     shutil.copy(other, run / "checkpoints" / "last.pt")
     assert bench_mod.resolve_inputs(model=None, checkpoint=None, runs_dir=tmp_path / "runs")[1] is None  # stale
+    shutil.copy(ckpt, run / "checkpoints" / "last.pt")
+    EXPORTERS["onnx"](run / "checkpoints" / "last.pt", tmp_path / "run.onnx")
+    shutil.copy(other, run / "checkpoints" / "last.pt")  # trained on since: its numbered copy is the source
+    found = bench_mod.resolve_inputs(model=tmp_path / "run.onnx", checkpoint=None, runs_dir=tmp_path)[0]
+    assert found.parent == run / "checkpoints" and found.name.startswith("step-"), found
 
 
 def test_gpu_section_runs_on_the_cpu_with_parity(checkpoint, tmp_path):

@@ -81,11 +81,16 @@ def resolve_inputs(*, model: Path | None, checkpoint: Path | None, runs_dir: Pat
                 raise UsageError(f"{model}: its source checkpoint {src or '(none recorded)'} is not there; "
                                  "pass --checkpoint")
             checkpoint = Path(src)
+            if not _exported_from(meta, checkpoint):  # trained on since: its numbered copy, as generate finds it
+                from .generate import _same_checkpoint
+
+                checkpoint = _same_checkpoint(checkpoint, str(meta.get("step", "")), meta["source_sha256"]) \
+                    or checkpoint
         checkpoint = resolve(checkpoint)
         if not _exported_from(meta, checkpoint):
-            raise UsageError(f"--model {model} was not exported from {checkpoint} as it is now (sha256 "
-                             f"{meta['source_sha256'][:12]}...): another checkpoint, or one trained further since; "
-                             "pass the checkpoint it came from, or export again")
+            raise UsageError(f"--model {model} was exported from a checkpoint of sha256 "
+                             f"{meta['source_sha256'][:12]}..., which {checkpoint} no longer is (another checkpoint, "
+                             "or one trained further since); pass the checkpoint it came from, or export again")
         return checkpoint, Path(model)
     if checkpoint is not None:
         return resolve(checkpoint), None
