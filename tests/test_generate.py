@@ -649,11 +649,12 @@ def test_a_damaged_manifest_is_named_as_such(exported, tmp_path):
 
 def test_other_model_or_seed_needs_overwrite_and_foreign_files_survive(exported, tmp_path):
     out = tmp_path / "d"
-    gen(exported["onnx"], out, "--count", "10")
+    gen(exported["onnx"], out, "--count", "10", "--grid")
     (out / "notes.txt").write_text("mine")
     r = gen(exported["onnx"], out, "--count", "10", "--seed", "1", code=2)
     assert "seed" in r.stderr and "--overwrite" in r.stderr
-    gen(exported["onnx"], out, "--count", "4", "--seed", "1", "--overwrite")
+    r = gen(exported["onnx"], out, "--count", "4", "--seed", "1", "--overwrite")
+    assert f"{out / 'grid.png'} is the replaced output's contact sheet, left as it is" in r.stderr
     assert sorted(pngs(out)) == [f"{i:06d}.png" for i in range(4)]
     assert (out / "notes.txt").read_text() == "mine"
     fresh = tmp_path / "fresh"
