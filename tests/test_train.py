@@ -528,9 +528,10 @@ def test_a_signal_while_the_run_starts_still_saves_a_checkpoint(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(Interrupted, match="stopped at step 1; resume with: gantk train --resume"):
-        train(tiny(max_steps=6), runs_dir=tmp_path, run_dir=tmp_path / "r", progress=progress)
+        train(tiny(max_steps=6, log_every=1), runs_dir=tmp_path, run_dir=tmp_path / "r", progress=progress)
     assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 1
-    assert train(tiny(max_steps=6), resume=tmp_path / "r" / "checkpoints" / "last.pt")["steps"] == 6
+    assert (tmp_path / "r" / "samples" / "latest.png").is_file() and (tmp_path / "r" / "loss.png").is_file()
+    assert train(tiny(max_steps=6, log_every=1), resume=tmp_path / "r" / "checkpoints" / "last.pt")["steps"] == 6
 
 
 def test_the_resume_command_of_a_torchrun_run_is_a_torchrun_launch(monkeypatch):

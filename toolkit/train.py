@@ -716,8 +716,8 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
                 if progress:
                     progress({"event": "step", "step": t.step, **figures})
                 epoch_end = t.batch_in_epoch == 0
-                if main and (epoch_end or t.step == total):
-                    _end_of_epoch(t, run, fixed, final=t.step == total)
+                if main and (epoch_end or t.step == total or stopping):  # a stop shows where it stopped too
+                    _end_of_epoch(t, run, fixed, final=t.step == total or stopping)
                 if t.step % cfg.checkpoint_every == 0 or epoch_end or t.step == total or stopping:
                     _checkpoint(t, run, numbered=t.step % cfg.checkpoint_every == 0 or t.step == total)
                 if stopping:
