@@ -56,6 +56,8 @@ def _checkpoint(path: Path) -> dict[str, Any]:
     g = s["ema"] if s.get("ema") is not None else s["generator"]
     return {**_io(list(s["latent_shape"])), "arch": s["config"]["arch"], "step": s["step"],
             "epoch": s.get("epoch"), "images_seen": s.get("images_seen"), "ema": s.get("ema") is not None,
+            "world_size": s.get("world_size", 1), "global_batch": s["config"]["batch_size"] * s.get("world_size", 1),
+            "compute_dtype": s.get("compute_dtype"), "best_fid": s.get("best_fid"),
             "generator_parameters": int(sum(t.numel() for t in g.values() if t.is_floating_point())),
             "versions": s.get("versions", {}), "config": s["config"]}
 

@@ -73,6 +73,8 @@ def test_only_rank_0_writes_and_reports(ddp_runs):
     assert summary["world_size"] == 2 and summary["global_batch"] == 64 and summary["steps"] == 8
     rows = (ddp_runs / "runs" / "straight" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 9)]
+    info = json.loads(CliRunner().invoke(cli, ["info", str(ddp_runs / "runs" / "straight"), "--json"]).stdout)
+    assert (info["world_size"], info["global_batch"], info["compute_dtype"]) == (2, 64, "fp32")
 
 
 def test_resumed_two_process_run_equals_an_uninterrupted_one(ddp_runs):
