@@ -783,6 +783,7 @@ def test_doctor_reports_versions_and_providers():
     r = run_cli("doctor", "--json")
     doc = json.loads(r.stdout)
     assert r.exit_code == 0 and doc["torch"].startswith("2.") and "CPUExecutionProvider" in doc["onnxruntime providers"]
+    assert doc["gantk runs on"].startswith("cuda" if torch.cuda.is_available() else "cpu (no usable CUDA device")
 
 
 # ------------------------------------------------------------------ CUDA

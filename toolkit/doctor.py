@@ -39,5 +39,7 @@ def report() -> dict[str, Any]:
     if r["onnxruntime-gpu"] != "not installed" and torch.cuda.is_available() and \
             "CUDAExecutionProvider" not in r.get("onnxruntime providers", []):
         warnings.append("CUDA works in torch but onnxruntime has no CUDA provider")
+    r["gantk runs on"] = "cuda" if torch.cuda.is_available() else \
+        "cpu (no usable CUDA device; GPU providers listed above are built in, not usable here)"
     r["warnings"] = warnings
     return r
