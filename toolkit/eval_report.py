@@ -5,6 +5,7 @@ Drawn with matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import os
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -82,9 +83,9 @@ def _table(ax, m: dict, r: dict) -> None:
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     ax.set_title("metrics (classifier feature space)", fontsize=9)
-    note = "; ".join(m.get("warnings", []))
+    note = "\n".join(textwrap.fill(w, 100) for w in m.get("warnings", []))  # within this panel's width
     if note:
-        ax.text(0, 0.02, note, fontsize=7, wrap=True, transform=ax.transAxes, va="bottom")
+        ax.text(0, 0.2, note, fontsize=7, transform=ax.transAxes, va="top")
 
 
 def _fmt(m: dict, key: str, fmt: str) -> str:
