@@ -43,9 +43,10 @@ _PROCESS = {"own": False}  # True when gantk is the process (main), not a caller
 def _deaf() -> None:
     """Stopped and saved: what is left is a line and the exit, which a further signal would only break
     (tracebacks from Python's exit handlers)."""
+    from .errors import ignore_stops
+
     if _PROCESS["own"]:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_stops()
 
 
 def _interrupted(e: KeyboardInterrupt) -> None:
@@ -79,8 +80,7 @@ def handle_errors(fn: Callable) -> Callable:
 
             if isinstance(e, Interrupted):
                 _deaf()
-            stop = None if isinstance(e, Interrupted) else interrupt_behind(e)
-            if stop is not None:  # a library's error while it was stopped: the stop is what happened
+            elif (stop := interrupt_behind(e)) is not None:  # a library's error while it was stopped: the stop
                 _interrupted(stop)
             if not isinstance(e, Interrupted):
                 click.echo(f"gantk: error: {e}", err=True)

@@ -66,23 +66,18 @@ def _raise_terminated(signum, frame):
 def sigterm_as_interrupt():
     """SIGTERM (a scheduler's or torchrun's stop) raised in the main thread as `Terminated`, so that what a
     command was writing is cleaned up or recorded as after Ctrl-C."""
-    return _on_sigterm(_raise_terminated)
+    return handling(_raise_terminated, signal.SIGTERM)
 
 
 def default_sigterm():
     """SIGTERM at its default (the process ends) inside, where the main thread blocks in native code."""
-    return _on_sigterm(signal.SIG_DFL)
+    return handling(signal.SIG_DFL, signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def signals_wait() -> Iterator[None]:
+def signals_wait():
     """Inside, a further Ctrl-C or SIGTERM is noted, not raised: the short clean-up after a stop (recording
     what was written) runs to its end, rather than leaving a record behind the disk. One more stops it."""
     import logging
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     noted = []
 
@@ -93,25 +88,27 @@ def signals_wait() -> Iterator[None]:
         logging.getLogger("gantk").warning("signal %d: already stopping, recording what was written first "
                                            "(again to stop at once)", signum)
 
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    return handling(note, signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_stops(*_) -> None:
+    """Ctrl-C and SIGTERM ignored from here on (also a data-loader's `worker_init_fn`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def handling(handler, *signums: int) -> Iterator[None]:
+    """`handler` for `signums` inside, the previous ones after; only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signums}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _on_sigterm(handler) -> Iterator[None]:
-    """`handler` for SIGTERM inside, the previous one after; only the main thread may set handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:

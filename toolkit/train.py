@@ -15,7 +15,6 @@ import os
 import random
 import shlex
 import signal
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -31,7 +30,7 @@ from . import distributed, models
 from .backends import native_bf16
 from .config import TrainConfig
 from .errors import (CheckpointError, DamagedFileError, DataError, DivergedError, GantkError, Interrupted,
-                     UsageError)
+                     UsageError, handling, ignore_stops)
 
 log = logging.getLogger("gantk.train")
 
@@ -281,9 +280,6 @@ class _Meter:
 def _stop_on_signals():
     """First SIGINT/SIGTERM asks for a stop at the next step boundary; a second one stops at once."""
     asked: dict[str, int | None] = {"signum": None, "again": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield asked
-        return
 
     def handler(signum, frame):
         if asked["signum"] is not None:
@@ -292,12 +288,8 @@ def _stop_on_signals():
         asked["signum"] = signum
         log.warning("signal %d: saving at the next step boundary (again to stop at once)", signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling(handler, signal.SIGINT, signal.SIGTERM):
         yield asked
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 class RunFolder:
@@ -551,7 +543,7 @@ def _comparable(field: str, config: TrainConfig) -> Any:
     """A config value to compare on resume: --data as an absolute path (runs before gantk stored it so
     kept the path as typed)."""
     value = getattr(config, field)
-    return os.path.abspath(value) if field == "data" and value not in data_mod.NAMED else value
+    return _absolute(value) if field == "data" else value
 
 
 def _train(config: TrainConfig, world: distributed.World, device: torch.device,
@@ -692,7 +684,9 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
             # a resume (one loader more, mid-epoch) would leave in another state than a straight run
             loader = torch.utils.data.DataLoader(_Batches(images), sampler=batches, batch_size=None,
                                                  num_workers=cfg.workers, pin_memory=pin,
-                                                 worker_init_fn=_deaf_to_stops,
+                                                 # a stop sent to the whole job (a terminal, a scheduler)
+                                                 # is the main process's: it ends the workers itself
+                                                 worker_init_fn=ignore_stops,
                                                  generator=torch.Generator().manual_seed(cfg.seed))
             for x in loader:
                 figures = t.train_step(x.to(t.device, non_blocking=True), stop=stop["signum"] is not None)
@@ -724,14 +718,6 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
                     distributed.barrier(t.world)  # nobody exits (and so signals the others) before the save
                     again = resume_command(run.last, cfg, world_size=t.world.size)
                     raise Interrupted(f"stopped at step {t.step}; resume with: {again}", stop["signum"] or signal.SIGTERM)
-
-
-def _deaf_to_stops(worker_id: int) -> None:
-    """A data-loader worker ignores Ctrl-C and SIGTERM sent to the whole job (a terminal, a scheduler): the
-    main process stops at a step boundary and ends the workers itself. A worker killed by SIGTERM made
-    the main process fail without a save; one that kept the handler it was forked with said so again."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _checkpoint(t: Trainer, run: RunFolder, *, numbered: bool) -> None:
