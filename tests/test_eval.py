@@ -189,6 +189,14 @@ def test_a_heldout_the_reference_cannot_give_is_a_usage_error_naming_the_range(c
         E.load_reference(str(ref_path), classifier=clf, heldout=heldout, cache_dir=work / "cache")
 
 
+def test_the_default_heldout_of_a_small_reference_is_the_least_that_scores():
+    """A fifth of 400 images is too few to score; the least that does (MIN_SAMPLES) is held out instead."""
+    assert E._heldout_size(400, None) == E.MIN_SAMPLES
+    assert E._heldout_size(10000, None) == 2000
+    with pytest.raises(DataError, match="too few"):
+        E._heldout_size(2 * E.MIN_SAMPLES - 1, None)
+
+
 def test_frechet_of_identical_gaussians_is_zero():
     from gantk import metrics as M
 
@@ -348,6 +356,10 @@ def test_cli_classifier_train_and_its_bad_input(tmp_path):
     r = CliRunner().invoke(cli, ["classifier", "train", "--data", str(tmp_path / "unlabelled.npy"),
                                  "--out", str(tmp_path / "x.pt")])
     assert r.exit_code == 2 and "labels" in r.output
+
+    r = CliRunner().invoke(cli, ["classifier", "train", "--data", "synthetic", "--count", "40", "--heldout", "0.99",
+                                 "--out", str(tmp_path / "y.pt")])
+    assert r.exit_code == 2 and "holding out 0.99 of 40 images leaves 0 to train on (need 10+)" in r.output
 
     mine = tmp_path / "mine.pt"
     mine.write_bytes(b"user data")

@@ -103,6 +103,29 @@ def test_idx_images_and_labels_load_and_resize(tmp_path, gz):
     assert t.shape == (5, 1, 32, 32) and t.min() >= -1 and t.max() <= 1
 
 
+@pytest.mark.parametrize("images, labels", [("t10k-images.idx3-ubyte", "t10k-labels.idx1-ubyte"),
+                                             ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte")])
+def test_idx_labels_are_found_beside_other_namings(tmp_path, images, labels):
+    """Some copies of MNIST put a dot before idx; a .gz images file may sit beside raw labels."""
+    p = write_idx(tmp_path / images, np.zeros((3, 28, 28)), gz=images.endswith(".gz"))
+    write_idx(tmp_path / labels, np.array([4, 0, 9]), gz=False)
+    assert data.load(str(p)).labels.tolist() == [4, 0, 9]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_16_bit_and_float_images_in_a_folder_are_scaled_not_clipped(tmp_path, mode):
+    from PIL import Image
+
+    levels = np.random.default_rng(2).integers(0, 256, (3, 32, 32)).astype(np.uint8)
+    as_mode = {"I;16": levels.astype(np.uint16) * 257, "I": levels.astype(np.int32) * 257,
+               "F": levels.astype(np.float32) / 255}[mode]
+    for i, a in enumerate(as_mode):
+        im = Image.fromarray(a)
+        assert im.mode == mode
+        im.save(tmp_path / f"{i}.{'tif' if mode != 'I;16' else 'png'}")
+    assert np.array_equal(data.load(str(tmp_path)).images, levels)
+
+
 def test_truncated_idx_is_named(tmp_path):
     p = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((4, 28, 28)), gz=False)
     p.write_bytes(p.read_bytes()[:-10])
@@ -126,17 +149,29 @@ def test_npy_npz_and_folder_sources(tmp_path):
         Image.fromarray((arr[i] * 255).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
     assert data.load(str(tmp_path / "a.npy")).images.shape == (4, 32, 32)
     assert data.load(str(tmp_path / "b.npz")).labels.tolist() == [0, 1, 2, 3]
-    for bad in (arr * 1000, arr * 2 - 1.5, arr * 255 - 2):  # above 255, below -1, [-1, 1] and [0, 255] mixed
+    # above 255, below -1, [0, 255] mixed with negative values, normalised like torchvision's MNIST examples
+    for bad in (arr * 1000, arr * 2 - 1.5, arr * 255 - 100, (arr - 0.1307) / 0.3081, arr * 8):
         np.save(tmp_path / "bad.npy", bad)
         with pytest.raises(DataError, match=r"pixel values from .*; expected \[0, 1\], \[-1, 1\] or \[0, 255\]"):
             data.load(str(tmp_path / "bad.npy"))
     want = data.load(str(tmp_path / "a.npy")).images
-    for scale, shift, ends in ((255, 0, (-0.3, 255.4)), (1, 0, (-0.004, 1.004)), (2, -1, (-1.004, 1.004))):
+    for scale, shift, ends in ((255, 0, (-0.3, 255.4)), (1, 0, (-0.004, 1.004)), (2, -1, (-1.004, 1.004)),
+                               (1, 0, (-0.02, 1.02)), (1, 0, (-0.27, 1.24)), (255, 0, (-20, 270))):
         near = (arr * scale + shift).astype(np.float32)  # with a little overshoot at both ends (resampling, noise)
         near[0, 0, :2] = ends
         np.save(tmp_path / "near.npy", near)
         got = data.load(str(tmp_path / "near.npy")).images
         assert np.abs(got.astype(int) - want.astype(int)).mean() < 0.1, scale  # read in its own range
+    for kind in (np.bool_, np.int64, np.uint8):  # 0/1 masks: ink is 255, whatever the dtype (uint8 is levels)
+        np.save(tmp_path / "mask.npy", (arr > 0.5).astype(kind))
+        expect = 1 if kind is np.uint8 else 255
+        assert data.load(str(tmp_path / "mask.npy")).images.max() == expect, kind
+    np.save(tmp_path / "flat.npy", np.zeros((5, 0, 28), np.float32))
+    with pytest.raises(DataError, match=r"expected images of shape \(N, H, W\) or \(N, 1, H, W\), got \(5, 0, 28\)"):
+        data.load(str(tmp_path / "flat.npy"))
+    np.savez(tmp_path / "s.npz", images=(arr * 255).astype(np.uint8), labels=np.array(list("abcd")))
+    with pytest.raises(DataError, match="labels must be whole numbers .*, got <U1"):
+        data.load(str(tmp_path / "s.npz"))
     np.save(tmp_path / "complex.npy", arr.astype(np.complex64))
     with pytest.raises(DataError, match="images of dtype complex64; expected numbers"):
         data.load(str(tmp_path / "complex.npy"))

@@ -102,9 +102,13 @@ def data_sha256(images: np.ndarray, labels: np.ndarray | None = None) -> str:
 
 
 def split(n: int, *, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled (train, held-out) index arrays; the held-out share is `heldout` of n (at least 1)."""
+    """Shuffled (train, held-out) index arrays; the held-out share is `heldout` of n (at least 1).
+
+    DataError if that leaves fewer than 10 images to train on."""
     order = np.random.default_rng(seed).permutation(n)
     k = max(1, int(round(n * heldout)))
+    if n - k < 10:
+        raise DataError(f"holding out {heldout:g} of {n} images leaves {max(n - k, 0)} to train on (need 10+)")
     return order[k:], order[:k]
 
 

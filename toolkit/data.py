@@ -139,14 +139,16 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _idx_labels(images_path: Path, n: int) -> np.ndarray | None:
-    """The labels file beside an images file (`...-images-idx3...` -> `...-labels-idx1...`), if any."""
-    name = images_path.name.replace("images-idx3", "labels-idx1")
-    labels_path = images_path.with_name(name)
-    if name == images_path.name or not labels_path.exists():
+    """The labels file beside an images file, if any: `t10k-images-idx3-ubyte[.gz]` ->
+    `t10k-labels-idx1-ubyte[.gz]` (also with a dot before idx, as some copies name them)."""
+    stem = images_path.name.removesuffix(".gz")
+    name = stem.replace("images", "labels").replace("idx3", "idx1")
+    found = [p for p in (images_path.with_name(name), images_path.with_name(name + ".gz")) if p.is_file()]
+    if name == stem or not found:
         return None
-    labels = read_idx(labels_path)
+    labels = read_idx(found[0])
     if labels.shape != (n,):
-        raise DataError(f"{labels_path}: {labels.shape[0]} labels for {n} images")
+        raise DataError(f"{found[0]}: {labels.shape[0]} labels for {n} images")
     return labels.astype(np.int64)
 
 
@@ -164,6 +166,8 @@ def _load_numpy(path: Path) -> Digits:
         images = obj[key]
         lkey = next((k for k in ("labels", "y", "y_test", "y_train") if k in keys), None)
         labels = None if lkey is None else obj[lkey]
+        if labels is not None and labels.dtype.kind not in "biuf":
+            raise DataError(f"{path}: labels must be whole numbers (digit classes), got {labels.dtype}")
         if labels is not None and not (np.issubdtype(labels.dtype, np.integer) or np.array_equal(labels, np.round(labels))):
             raise DataError(f"{path}: labels must be whole numbers (digit classes), got {labels.dtype} "
                             f"such as {labels.ravel()[0]}")
@@ -177,28 +181,37 @@ def _load_numpy(path: Path) -> Digits:
 
 
 def _as_uint8(a: np.ndarray, path: Path) -> np.ndarray:
+    """(N, H, W) pixel levels from an image array: uint8 as they are, other numbers by their range."""
     if a.ndim == 4 and a.shape[1] == 1:
         a = a[:, 0]
     elif a.ndim == 4 and a.shape[-1] == 1:
         a = a[..., 0]
-    if a.ndim != 3 or a.shape[0] == 0:
+    if a.ndim != 3 or 0 in a.shape:
         raise DataError(f"{path}: expected images of shape (N, H, W) or (N, 1, H, W), got {a.shape}")
     if a.dtype == np.uint8:
         return a
     if a.dtype.kind not in "biuf":
         raise DataError(f"{path}: images of dtype {a.dtype}; expected numbers (uint8, or float pixels)")
-    a = a.astype(np.float32)
+    return _levels(a.astype(np.float64), path)  # float64: [-1, 1] rounds as generate's to_pixels does
+
+
+def _levels(a: np.ndarray, path: Path) -> np.ndarray:
+    """uint8 levels of float pixels in [0, 1], [-1, 1] or [0, 255], told apart by the range's ends.
+
+    The ends may overshoot (resampling, noise); the overshoot is clipped. [-1, 1] needs a dark end below
+    -0.5 (a digit's background is -1), [0, 255] a bright end of 16 or more; what fits none (normalised
+    data such as (x - 0.1307) / 0.3081, 16-bit levels) is refused rather than guessed.
+    """
     if not np.isfinite(a).all():
         raise DataError(f"{path}: images contain NaN or inf")
     lo, hi = float(a.min()), float(a.max())
-    # the range by its ends, with slack for resampling overshoot and noise: 1% of [0, 1] or [-1, 1],
-    # half a level of [0, 255]; the slack is clipped
-    if hi <= 1.01 and -1.01 <= lo < -0.01:  # [-1, 1]
-        a = (a + 1.0) * 127.5
-    elif hi <= 1.01 and lo >= -0.01:  # [0, 1]
+    if -0.5 <= lo and hi <= 1.3:  # [0, 1]
         a = a * 255.0
-    elif not (lo >= -0.5 and hi <= 255.5):
-        raise DataError(f"{path}: pixel values from {lo:.9g} to {hi:.9g}; expected [0, 1], [-1, 1] or [0, 255]")
+    elif -1.3 <= lo < -0.5 and hi <= 1.3:  # [-1, 1]
+        a = (a + 1.0) * 127.5
+    elif not (-32 <= lo and 16 <= hi <= 287):  # [0, 255] within an eighth of its span
+        raise DataError(f"{path}: pixel values from {lo:.9g} to {hi:.9g}; expected [0, 1], [-1, 1] or [0, 255] "
+                        "(undo any normalisation first)")
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
@@ -215,7 +228,7 @@ def _load_folder(path: Path) -> Digits:
     for f in files:
         try:
             with Image.open(f) as im:
-                im = im.convert("L")
+                im = _gray(im, f)
                 if im.size != (SIDE, SIDE):
                     im = im.resize((SIDE, SIDE), Image.Resampling.BILINEAR)
                 images.append(np.asarray(im, np.uint8))
@@ -228,6 +241,19 @@ def _load_folder(path: Path) -> Digits:
         log.warning("%s: %d of %d images are not directly in a digit-named class folder (such as %s): the "
                     "folder is read without labels", path, len(stray), len(lab), files[stray[0]])
     return Digits(np.stack(images), None if len(stray) else lab, str(path))
+
+
+def _gray(im, path: Path):
+    """An 8-bit grayscale copy of a Pillow image. 16-bit and float images are scaled by their range, not
+    clipped at 255 as Pillow's convert("L") would; 16-bit means levels above 255 (0-65535)."""
+    from PIL import Image
+
+    if not (im.mode in ("I", "F") or im.mode.startswith("I;16")):
+        return im.convert("L")
+    a = np.asarray(im, np.float64)
+    if im.mode != "F" and a.max() > 255:
+        a = a / 257.0
+    return Image.fromarray(_levels(a[None], path)[0], "L")
 
 
 def _generated(path: Path) -> tuple[list[Path], list[dict]]:

@@ -108,7 +108,7 @@ def load_reference(spec: Any, *, classifier: Classifier, heldout: int | None = N
 
 
 def _heldout_size(n: int, heldout: int | None) -> int:
-    h = heldout if heldout is not None else min(2000, n // 5)
+    h = heldout if heldout is not None else max(MIN_SAMPLES, min(2000, n // 5))
     if heldout is not None and n >= 2 * MIN_SAMPLES and not MIN_SAMPLES <= heldout <= n - MIN_SAMPLES:
         raise UsageError(f"--heldout {heldout}: the reference set has {n} images, so it can hold out "
                          f"{MIN_SAMPLES} to {n - MIN_SAMPLES} (each side needs at least {MIN_SAMPLES})")
