@@ -22,7 +22,7 @@ from gantk import checkpoint as ckpt
 from gantk import data, models
 from gantk.cli import cli
 from gantk.config import TrainConfig
-from gantk.errors import DataError, DivergedError, Interrupted
+from gantk.errors import DataError, DivergedError, Interrupted, UsageError
 from gantk.train import EVAL_METRICS, Trainer, train
 
 
@@ -802,8 +802,39 @@ def test_resuming_a_run_from_an_older_checkpoint_in_place_is_refused_and_branche
     r = run_cli("train", "--resume", str(old), "--runs-dir", str(tmp_path), "--run", "b")  # b is a run now
     assert r.exit_code == 2 and "holds another run" in r.stderr, r.output
     (run / "checkpoints" / "last.pt").write_bytes(b"")  # a damaged last.pt is no loss: the resume replaces it
-    r = run_cli("train", "--resume", str(old), "--runs-dir", str(tmp_path), "--json")
-    assert r.exit_code == 0 and "continuing from" in r.stderr and ckpt.load(run / "checkpoints" / "last.pt")["step"] == 12
+    r = run_cli("train", "--resume", str(old), "--runs-dir", str(tmp_path))
+    assert r.exit_code == 2 and "behind" in r.stderr and "step-00000012.pt (step 12)" in r.stderr, r.output
+    newest = run / "checkpoints" / "step-00000012.pt"
+    r = run_cli("train", "--resume", str(newest), "--runs-dir", str(tmp_path), "--epochs", "4", "--json")
+    assert r.exit_code == 0 and "continuing from" in r.stderr and ckpt.load(run / "checkpoints" / "last.pt")["step"] == 16
+
+
+def test_a_resume_into_another_runs_folder_without_last_pt_is_refused_and_keeps_its_files(tmp_path):
+    """Numbered checkpoints alone, or a config.json of a run that stopped before its first save: another run."""
+    src = Path(train(tiny(arch="dcgan", data_count=64, epochs=1), run_dir=tmp_path / "a")["run_dir"])
+    resume = src / "checkpoints" / "last.pt"
+    train(tiny(data_count=64, epochs=2), run_dir=tmp_path / "c")
+    (tmp_path / "c" / "checkpoints" / "last.pt").unlink()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text(json.dumps(tiny(data_count=64).to_dict()))  # seed, never saved
+    (tmp_path / "d" / "metrics.csv").write_text("step\n1\n")
+    for other, held in (("c", "step-00000004.pt"), ("d", "its config.json has other .*arch")):
+        before = {p.name: p.read_bytes() for p in (tmp_path / other).rglob("*") if p.is_file()}
+        with pytest.raises(UsageError, match=f"{tmp_path / other} holds another run .*{held}"):
+            train(tiny(arch="dcgan", data_count=64, epochs=3), resume=resume, run_dir=tmp_path / other)
+        assert {p.name: p.read_bytes() for p in (tmp_path / other).rglob("*") if p.is_file()} == before
+    # the same resume's own earlier try, stopped before its first save, continues where it left its folder
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text(json.dumps(ckpt.load(resume)["config"]))
+    s = train(tiny(arch="dcgan", data_count=64, epochs=2), resume=resume, run_dir=tmp_path / "e")
+    assert s["steps"] == 4 and ckpt.load(tmp_path / "e" / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_a_resume_behind_a_numbered_checkpoint_of_its_own_run_is_refused_where_last_pt_is_gone(tmp_path):
+    run = Path(train(tiny(data_count=64, epochs=3), run_dir=tmp_path / "a")["run_dir"])
+    (run / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(UsageError, match=r"step-00000004.pt is at step 4, behind .*step-00000006.pt \(step 6\)"):
+        train(tiny(data_count=64, epochs=3), resume=run / "checkpoints" / "step-00000004.pt")
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path, trained_run):

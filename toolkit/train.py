@@ -17,6 +17,7 @@ import shlex
 import signal
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -447,7 +448,7 @@ def train(config: TrainConfig, *, run_dir: Path | None = None, runs_dir: Path = 
         run_dir = run_dir or (resume.parent.parent if resume.parent.name == "checkpoints" else None)
         if run_dir is None:
             raise UsageError(f"{resume} is not inside a run folder; pass --run to say where to continue")
-        _check_target(resume, state["step"], RunFolder(run_dir))
+        _check_target(resume, state["step"], RunFolder(run_dir), config)
     device = resolve_device(config.device)
     if config.amp and device.type == "cpu" and not native_bf16():
         log.warning("bf16 autocast on a CPU without bf16 instructions runs emulated: about 17x slower than "
@@ -494,23 +495,52 @@ def _other_checkpoint(bad: Path) -> str:
     return ""
 
 
-def _check_target(resume: Path, step: int, run: RunFolder) -> None:
+def _check_target(resume: Path, step: int, run: RunFolder, config: TrainConfig) -> None:
     """A resume replaces the target folder's last.pt and drops its metrics after `step`: refused where
     that loses training (another run's folder, or an older checkpoint of this one), so the user branches
     with --run instead. An unreadable last.pt is no loss: the resume replaces it, with a warning."""
-    if not run.last.is_file() or run.last.resolve() == resume.resolve():
-        return
     if resume.resolve().parent != run.checkpoints.resolve():
-        raise UsageError(f"{run.root} holds another run ({run.last}); continuing {resume} there would replace "
-                         f"it: pass a new --run NAME")
-    try:
-        newer = ckpt.load(run.last)["step"]
-    except CheckpointError as e:
-        log.warning("%s; continuing from %s replaces it", e, resume)
+        held = [p for p in (run.last, *reversed(run.numbered())) if p.is_file()]
+        if held:
+            raise UsageError(f"{run.root} holds another run ({held[0]}); continuing {resume} there would replace "
+                             f"it: pass a new --run NAME")
+        _check_unsaved(run, config)
         return
+    if run.last.resolve() == resume.resolve():
+        return
+    newer, newest = -1, run.last
+    if run.last.is_file():
+        try:
+            newer = ckpt.load(run.last)["step"]
+        except CheckpointError as e:
+            log.warning("%s; continuing from %s replaces it", e, resume)
+    # where last.pt is gone or damaged: the newest intact numbered one
+    later = (p for p in reversed(run.numbered()) if _numbered_step(p) > newer)
+    if (p := next((p for p in later if ckpt.intact(p)), None)) is not None:
+        newer, newest = _numbered_step(p), p
     if newer > step:
-        raise UsageError(f"{resume} is at step {step}, behind {run.last} (step {newer}); continuing in {run.root} "
+        raise UsageError(f"{resume} is at step {step}, behind {newest} (step {newer}); continuing in {run.root} "
                          f"would replace it: pass --run NAME to branch into a new run folder")
+
+
+def _numbered_step(path: Path) -> int:
+    return int(ckpt.NUMBERED.fullmatch(path.name)[1])
+
+
+def _check_unsaved(run: RunFolder, config: TrainConfig) -> None:
+    """A folder with no checkpoint but a config.json: this resume's own earlier try (stopped before its
+    first save) continues there; another run's, whose metrics a resume would mix with its own, is refused."""
+    try:
+        theirs = TrainConfig.from_dict(json.loads((run.root / "config.json").read_text()))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"{run.root} holds a config.json that is not this run's ({e}): pass a new --run NAME") from None
+    differ = sorted(f.name for f in fields(TrainConfig)
+                    if f.name not in RESUMABLE and _comparable(f.name, theirs) != _comparable(f.name, config))
+    if differ:
+        raise UsageError(f"{run.root} holds another run that stopped before its first save (its config.json has "
+                         f"other {', '.join(differ)}); move it away or pass a new --run NAME")
 
 
 def default_amp(device: torch.device) -> bool:
@@ -659,6 +689,8 @@ def _prepare_run(config: TrainConfig, run_dir: Path | None, runs_dir: Path, step
     this call made: "folder", "files" in an empty folder the user made, "" for a resumed one)."""
     run = RunFolder(run_dir or new_run_dir(runs_dir, config))
     if step and (run.root / "config.json").exists():
+        run.checkpoints.mkdir(exist_ok=True)
+        run.samples.mkdir(exist_ok=True)
         run.truncate_metrics(step)
         for tmp in run.checkpoints.glob(".*.pt.*.tmp"):  # a save that a kill (SIGKILL, power) cut short
             tmp.unlink(missing_ok=True)
