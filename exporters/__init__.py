@@ -8,6 +8,7 @@ eager generator before it lands at `out`. `read_metadata` reads gantk's metadata
 from __future__ import annotations
 
 import errno
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -41,17 +42,20 @@ def default_out(checkpoint: str | Path, fmt: str, dtype: str = "fp32") -> Path:
     return run / "export" / f"generator{'' if dtype == 'fp32' else '-' + dtype}{SUFFIXES[fmt]}"
 
 
-def export_kind(path: str | Path) -> str:
+def export_kind(path: str | Path, *, data: bytes | None = None) -> str:
     """'torchscript', 'checkpoint' (a torch.save zip) or 'onnx' (anything else, parsed later); CheckpointError
-    for an empty file or a PyTorch zip cut short."""
+    for an empty file or a PyTorch zip cut short. `data`: the file's bytes, already read."""
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
+    if data is None:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    else:
+        head = data[:4]
     if not head:
         raise DamagedFileError(f"{path}: empty file (0 bytes)")
     if head != b"PK\x03\x04":
         return "onnx"
-    names = _zip_names(path)
+    names = _zip_names(path, data)
     script = any(n.endswith(("/constants.pkl", "/extra/" + torchscript.EXTRA_FILE)) or "/code/" in n for n in names)
     return "torchscript" if script else "checkpoint"
 
@@ -69,21 +73,26 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def _zip_names(path: Path) -> list[str]:
+def _zip(path: str | Path, data: bytes | None) -> zipfile.ZipFile:
+    return zipfile.ZipFile(path if data is None else io.BytesIO(data))
+
+
+def _zip_names(path: Path, data: bytes | None = None) -> list[str]:
     try:
-        with zipfile.ZipFile(path) as z:
+        with _zip(path, data) as z:
             return z.namelist()
     except zipfile.BadZipFile:
         raise DamagedFileError(f"{path}: a PyTorch file cut short or corrupt") from None
 
 
-def check_crcs(path: str | Path, what: str) -> None:
-    """DamagedFileError where a member of the PyTorch zip at `path` no longer reads back as saved (its
-    CRC-32, or its header). torch.load and torch.jit.load do not check, so a bit flipped on disk would
-    load as a wrong weight. A member stored with CRC 0 (torch's `set_crc32_options(False)`) is not checked."""
+def check_crcs(path: str | Path, what: str, *, data: bytes | None = None) -> None:
+    """DamagedFileError where a member of the PyTorch zip at `path` (or its bytes `data`) no longer reads
+    back as saved (its CRC-32, or its header). torch.load and torch.jit.load do not check, so a bit flipped
+    on disk would load as a wrong weight. A member stored with CRC 0 (torch's `set_crc32_options(False)`)
+    is not checked."""
     member = None
     try:
-        with zipfile.ZipFile(path) as z:
+        with _zip(path, data) as z:
             for info in z.infolist():
                 if info.CRC == 0 and info.file_size:
                     continue

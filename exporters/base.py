@@ -41,10 +41,10 @@ class Source:
         from gantk import checkpoint
 
         path = checkpoint.resolve(path)
-        state = checkpoint.load(path)
+        state, sha256 = checkpoint.load_hashed(path)  # of the bytes loaded: training may replace last.pt meanwhile
         g = checkpoint.generator_from(state)
-        return cls(g, state["config"]["arch"], tuple(g.latent_shape), str(path.resolve()),
-                   checkpoint.sha256(path), int(state.get("step", 0)))
+        return cls(g, state["config"]["arch"], tuple(g.latent_shape), str(path.resolve()), sha256,
+                   int(state.get("step", 0)))
 
     @classmethod
     def from_generator(cls, g, *, arch: str) -> "Source":

@@ -18,12 +18,21 @@ def fold_batchnorm(g):
     layers = list(g.net)
     out = []
     for layer in layers:
-        if isinstance(layer, nn.BatchNorm2d) and out and isinstance(out[-1], (nn.Conv2d, nn.ConvTranspose2d)):
+        if out and _foldable(out[-1], layer):
             out[-1] = _merge(out[-1], layer)
         else:
             out.append(layer)
     g.net = nn.Sequential(*out)
     return g.requires_grad_(False)
+
+
+def _foldable(conv, bn) -> bool:
+    """A BatchNorm2d with running statistics and an affine part after a conv whose output channels the
+    scale can reach (a grouped transposed conv keeps them per group): others stay BatchNorm layers."""
+    from torch import nn
+
+    return (isinstance(bn, nn.BatchNorm2d) and bn.affine and bn.running_var is not None
+            and (isinstance(conv, nn.Conv2d) or isinstance(conv, nn.ConvTranspose2d) and conv.groups == 1))
 
 
 def _merge(conv, bn):

@@ -365,6 +365,49 @@ def test_dcgan_exports_from_a_generator(tmp_path):
     assert "BatchNormalization" not in ops and ops.index("Gemm") < ops.index("ConvTranspose")
 
 
+@pytest.mark.parametrize("bn", ["grouped transposed conv", "no affine part"])
+def test_batchnorm_that_cannot_fold_stays_a_layer_and_exports(tmp_path, bn):
+    import torch
+    from torch import nn
+
+    from gantk.models import Generator
+
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(4, 6, 3, groups=2 if bn.startswith("grouped") else 1)
+    norm = nn.BatchNorm2d(6, affine=bn.startswith("grouped"))
+    norm.running_mean.uniform_(-0.5, 0.5)
+    norm.running_var.uniform_(0.5, 2.0)
+    g = Generator(nn.Sequential(nn.ConvTranspose2d(4, 4, 25), conv, norm, nn.Tanh()), (4, 6, 6))
+    for fmt, name in (("onnx", "g.onnx"), ("torchscript", "g.pt")):
+        assert EXPORTERS[fmt](Source.from_generator(g, arch="custom"), tmp_path / name).max_abs_diff <= 1e-4
+
+
+def test_the_sha256_an_export_records_is_of_the_weights_it_exported(run_dir, tmp_path, monkeypatch):
+    """Training replaces last.pt while an export reads it: the metadata names the bytes that were loaded."""
+    import shutil
+
+    import torch
+
+    from gantk import checkpoint
+
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    shutil.copy(run_dir / "checkpoints" / "last.pt", last)
+    loaded, newer = checkpoint.sha256(last), torch.load(last, weights_only=True)
+    real, saves = torch.load, [{**newer, "step": 99}]
+
+    def load_then_training_saves(*a, **k):
+        state = real(*a, **k)
+        if saves:
+            checkpoint.save(saves.pop(), last)
+        return state
+
+    monkeypatch.setattr(torch, "load", load_then_training_saves)
+    EXPORTERS["onnx"](last, tmp_path / "g.onnx")
+    meta = read_metadata(tmp_path / "g.onnx")
+    assert checkpoint.sha256(last) != loaded and meta["source_sha256"] == loaded and meta["step"] == "2"
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_a_wrong_stride_1_conv_rewrite_fails_validation(ckpt, tmp_path, monkeypatch, fmt):
     """The seed generator's transposed convs rewritten as convs without flipping the kernel."""
@@ -424,8 +467,11 @@ def _bad_checkpoints(tmp_path: Path, ckpt: Path, damage) -> dict[str, Path]:
     torch.save({"weights": torch.zeros(3)}, foreign)
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "config": {**state["config"], "arch": "stylegan"}}, tmp_path / "unknown_arch.pt")
+    torch.save({k: v for k, v in state.items() if k != "config"}, tmp_path / "no_config.pt")
     return {"missing": tmp_path / "nope.pt", "truncated": truncated, "damaged": damaged, "foreign": foreign,
-            "text": text}
+            "text": text, "unknown_arch": tmp_path / "unknown_arch.pt", "no_config": tmp_path / "no_config.pt"}
 
 
 def test_bad_checkpoints_exit_2(ckpt, tmp_path, damage):
@@ -435,6 +481,7 @@ def test_bad_checkpoints_exit_2(ckpt, tmp_path, damage):
         assert r.exit_code == 2, (name, r.output)
         assert str(path) in r.stderr and r.stderr.count("\n") == 1, (name, r.stderr)
         assert name != "damaged" or "does not match the CRC-32" in r.stderr, r.stderr
+        assert name != "unknown_arch" or "architecture 'stylegan', which this gantk does not have" in r.stderr
         assert not out.exists()
 
 

@@ -807,6 +807,32 @@ def test_parity_finds_the_numbered_copy_of_a_source_that_trained_on(tmp_path):
     assert doc["parity"]["status"] == "passed" and "step-00000002.pt" in doc["parity"]["reference"]
 
 
+def test_parity_reads_the_numbered_copy_where_training_replaces_last_pt_as_it_is_picked(tmp_path, monkeypatch):
+    """find_reference picks last.pt by its sha256, then training saves over it before it is loaded."""
+    import gantk.generate as G
+    from gantk import checkpoint
+    from gantk.config import TrainConfig
+    from gantk.exporters import EXPORTERS
+    from gantk.train import train
+
+    run = Path(train(TrainConfig(data="synthetic", data_count=64, epochs=1, arch="seed"), runs_dir=tmp_path)["run_dir"])
+    last = run / "checkpoints" / "last.pt"
+    EXPORTERS["onnx"](last, run / "export" / "generator.onnx")
+    state = checkpoint.load(last)
+    moved_on = {**state, "step": 4, "ema": {k: v + 0.05 if v.is_floating_point() else v for k, v in state["ema"].items()}}
+    real, picks = G.find_reference, []
+
+    def pick_then_training_saves(*a):
+        picks.append(real(*a)[0])
+        if len(picks) == 1:
+            checkpoint.save(moved_on, last)
+        return picks[-1], "note"
+
+    monkeypatch.setattr(G, "find_reference", pick_then_training_saves)
+    doc = json.loads(gen(run / "export" / "generator.onnx", tmp_path / "o", "--count", "5", "--json").stdout)
+    assert picks == [last, run / "checkpoints" / "step-00000002.pt"] and doc["parity"]["status"] == "passed"
+
+
 def test_parity_indices_spread_over_the_range():
     idx = parity_indices(Request(out=Path("x"), start=100, count=1000, parity_samples=5))
     assert idx[0] == 100 and idx[-1] == 1099 and len(idx) == 5

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +52,7 @@ class Backend:
     settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     bound: "IOBound | None" = None  # onnxruntime on a GPU: the session's device-resident binding
+    sha256: str = ""  # of the bytes loaded, where the backend read them itself (a checkpoint)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -448,19 +449,18 @@ def _open_torchscript(path: Path, *, provider: str, batch_size: int, threads: in
 
 
 def _open_torch(path: Path, *, provider: str, batch_size: int, threads: int) -> Backend:
-    from .checkpoint import generator_from, load
+    from .checkpoint import generator_from, load_hashed
 
-    state = load(path)
-    meta = _checkpoint_meta(path, state, dtype="float32")
-    return _torch_backend("torch", path, generator_from(state), meta, _torch_device(provider), batch_size, threads)
+    state, sha256 = load_hashed(path)
+    meta = _checkpoint_meta(path, state, sha256, dtype="float32")
+    be = _torch_backend("torch", path, generator_from(state), meta, _torch_device(provider), batch_size, threads)
+    return replace(be, sha256=sha256)
 
 
-def _checkpoint_meta(path: Path, state: dict[str, Any], *, dtype: str) -> dict[str, Any]:
-    from .checkpoint import sha256
-
+def _checkpoint_meta(path: Path, state: dict[str, Any], sha256: str, *, dtype: str) -> dict[str, Any]:
     return {"kind": "gantk-generator", "gantk_format": "1", "arch": state["config"]["arch"],
             "latent_shape": tuple(state["latent_shape"]), "output_range": "[-1, 1]", "dtype": dtype,
-            "source_checkpoint": str(path.resolve()), "source_sha256": sha256(path), "step": str(state["step"])}
+            "source_checkpoint": str(path.resolve()), "source_sha256": sha256, "step": str(state["step"])}
 
 
 def _target(device: str) -> str:

@@ -9,6 +9,7 @@ A checkpoint is a dict of tensors and plain values:
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -98,6 +99,12 @@ def save(state: dict[str, Any], path: Path) -> None:
 def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missing: str = "checkpoint not found",
                       map_location: str = "cpu") -> Any:
     """`torch.load(weights_only=True)`, never a fallback; CheckpointError naming the path otherwise."""
+    return _read_weights_only(path, what=what, missing=missing, map_location=map_location)[0]
+
+
+def _read_weights_only(path: str | Path, *, what: str, missing: str, map_location: str) -> tuple[Any, bytes]:
+    """The loaded object and the bytes it came from: one read, so the CRCs checked, the weights loaded and a
+    sha256 of them are of the same file, even where training replaces it meanwhile."""
     import torch
 
     from .exporters import check_crcs, export_kind
@@ -105,16 +112,17 @@ def read_weights_only(path: str | Path, *, what: str = "gantk checkpoint", missi
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{missing}: {path}")
-    kind = export_kind(path)  # CheckpointError for an empty or cut-short file
+    raw = path.read_bytes()
+    kind = export_kind(path, data=raw)  # CheckpointError for an empty or cut-short file
     if kind == "onnx":
         raise CheckpointError(f"{path}: not a readable {what} (not a PyTorch zip archive)")
     if kind == "torchscript":
         raise CheckpointError(f"{path} is a TorchScript file, not a {what}")
-    check_crcs(path, what)
+    check_crcs(path, what, data=raw)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns before it raises; the one line below says it
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True), raw
     except Exception as e:  # truncated zip, pickle refused by weights_only, not a torch file...
         text = str(e)
         refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
@@ -136,13 +144,29 @@ def intact(path: Path) -> bool:
 
 def load(path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
     """Load a gantk checkpoint with weights_only=True; CheckpointError naming the path otherwise."""
+    return load_hashed(path, map_location=map_location)[0]
+
+
+def load_hashed(path: str | Path, *, map_location: str = "cpu") -> tuple[dict[str, Any], str]:
+    """`load`, and the sha256 of the very bytes loaded."""
     path = Path(path)
-    state = read_weights_only(path, map_location=map_location)
+    state, raw = _read_weights_only(path, what="gantk checkpoint", missing="checkpoint not found",
+                                    map_location=map_location)
     if not isinstance(state, dict) or state.get("kind") != KIND:
         raise CheckpointError(f"{path}: not a gantk checkpoint (no '{KIND}' marker)")
     if state.get("format", 0) > FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {state['format']} is newer than this gantk ({FORMAT})")
-    return state
+    if not isinstance(state.get("config"), dict) or state["config"].get("arch") not in _archs():
+        arch = state["config"].get("arch") if isinstance(state.get("config"), dict) else None
+        raise CheckpointError(f"{path}: a checkpoint of architecture {arch!r}, which this gantk does not have "
+                              f"({', '.join(_archs())})")
+    return state, hashlib.sha256(raw).hexdigest()
+
+
+def _archs() -> list[str]:
+    from .models import ARCHS
+
+    return list(ARCHS)
 
 
 def sha256(path: str | Path) -> str:

@@ -633,13 +633,17 @@ def _same_checkpoint(path: Path, step: str, want: str) -> Path | None:
     return next((p for p in [numbered, *others] if p is not None and p.is_file() and sha256(p) == want), None)
 
 
-def eager_reference(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """The checkpoint's sampling generator, eager, float32 on the CPU."""
+def eager_reference(path: Path, want: str = "") -> Callable[[np.ndarray], np.ndarray] | None:
+    """The checkpoint's sampling generator, eager, float32 on the CPU; None where its bytes are no longer
+    of sha256 `want` (training replaced last.pt after find_reference picked it)."""
     import torch
 
-    from .checkpoint import generator_from, load
+    from .checkpoint import generator_from, load_hashed
 
-    g = generator_from(load(path))
+    state, got = load_hashed(path)
+    if want and got != want:
+        return None
+    g = generator_from(state)
 
     def run(z: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -656,13 +660,18 @@ def parity_check(backend, req: Request) -> dict[str, Any]:
         return {"status": "not-applicable", "reason": "the torch backend is the eager reference itself"}
     if not req.parity:
         return {"status": "skipped", "reason": "--no-parity"}
-    ref, note = find_reference(backend.metadata, backend.path, req.reference)
-    if ref is None:
-        raise UsageError(f"no parity reference: {note}; pass --reference CHECKPOINT, or --no-parity to "
-                         f"generate without the check")
+    for _ in range(2):  # a second look where training replaced the picked last.pt before it was read
+        ref, note = find_reference(backend.metadata, backend.path, req.reference)
+        if ref is None:
+            raise UsageError(f"no parity reference: {note}; pass --reference CHECKPOINT, or --no-parity to "
+                             f"generate without the check")
+        if (reference := eager_reference(ref, backend.metadata.get("source_sha256", ""))) is not None:
+            break
+    else:
+        raise UsageError(f"no parity reference: {ref} changed while it was read, twice; pass --reference CHECKPOINT")
     idx = parity_indices(req)
     z = noise(req.seed, idx, backend.latent_shape)
-    figures = compare(backend(z), eager_reference(ref)(z))
+    figures = compare(backend(z), reference(z))
     atol = req.atol if req.atol is not None else _default_atol(backend.metadata)
     result = {"status": "passed", "reference": str(ref), "note": note, "samples": len(idx), "atol": atol, **figures}
     if figures["max_abs_diff"] > atol:
@@ -1004,7 +1013,7 @@ def _open_and_write(req, model, backend, provider, asked, progress, world, pool)
     out = Path(req.out)
     be = open_backend(backend, model, provider=provider, batch_size=GPU_BATCH, threads=asked[0],
                       streams=asked[1], fmt=req.fmt)
-    identity = {"model_sha256": sha256(be.path), "seed": req.seed, "format": req.fmt,
+    identity = {"model_sha256": be.sha256 or sha256(be.path), "seed": req.seed, "format": req.fmt,
                 "latent_shape": list(be.latent_shape)}
     folder, replaced = open_folder(out, identity, overwrite=req.overwrite)
     folder.writer = world.main
