@@ -505,6 +505,23 @@ def test_non_finite_loss_stops_within_one_step_and_keeps_the_last_good_checkpoin
     assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 3  # the epoch-end save, last good
 
 
+def test_weights_made_non_finite_by_a_finite_step_are_not_saved(tmp_path, monkeypatch):
+    original = Trainer.train_step
+
+    def step(self, x, **kw):
+        out = original(self, x, **kw)
+        if self.step == 4:
+            with torch.no_grad():
+                next(self.g.parameters()).view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    r = run_cli("train", "--data", "synthetic", "--data-count", "96", "--arch", "seed", "--epochs", "3",
+                "--checkpoint-every", "2", "--runs-dir", str(tmp_path), "--run", "r")
+    assert r.exit_code == 3 and "diverged at step 4: its losses were finite but the weights are not" in r.stderr
+    assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 3, r.output
+
+
 def test_divergence_before_the_first_checkpoint_says_so_and_keeps_the_losses(tmp_path, monkeypatch):
     original = Trainer._loss
     monkeypatch.setattr(Trainer, "_loss", lambda self, logits, t: original(self, logits, t) * (

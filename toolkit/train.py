@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import random
 import shlex
@@ -755,6 +756,9 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
 def _checkpoint(t: Trainer, run: RunFolder, *, numbered: bool) -> None:
     """Every rank reports a weight checksum; rank 0 checks they agree and saves."""
     sums = distributed.gather(t.world, t.checksum())
+    if not all(math.isfinite(v) for v in sums):  # finite losses, yet the update made a weight NaN or inf
+        raise DivergedError(f"training diverged at step {t.step}: its losses were finite but the weights are not "
+                            f"(NaN or inf); this step is not saved")
     if not t.world.main:
         return
     if len(set(sums)) > 1:
