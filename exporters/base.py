@@ -151,9 +151,10 @@ def destination(out: str | Path, *, suffix: str) -> Path:
     if out.exists():
         try:
             read_metadata(out)
-        except CheckpointError:
-            raise UsageError(f"--out {out} exists and is not a gantk export; not overwriting it "
-                             "(choose another --out)") from None
+        except CheckpointError as e:
+            why = str(e).removeprefix(f"{out}: ").removeprefix(f"{out} ")
+            raise UsageError(f"--out {out} exists and is not a gantk export ({why}); not "
+                             "overwriting it (move it away or choose another --out)") from None
     probe = existing_ancestor(out.parent)
     if not probe.is_dir():
         raise UsageError(f"--out {out}: {probe} is a file, not a folder")

@@ -529,6 +529,12 @@ def test_out_replaces_only_a_gantk_export(ckpt, tmp_path):
     for out, src, fmt in ((mine, ckpt, "onnx"), (own, own, "torchscript")):
         r = _export(["--checkpoint", str(src), "--out", str(out), "--format", fmt])
         assert r.exit_code == 2 and "not a gantk export" in r.stderr and r.stderr.count("\n") == 1, r.output
+    cut = tmp_path / "cut.onnx"  # an export cut short: named, with why, and left for the user to move
+    assert _export(["--checkpoint", str(ckpt), "--out", str(cut)]).exit_code == 0
+    cut.write_bytes(cut.read_bytes()[:3000])
+    r = _export(["--checkpoint", str(ckpt), "--out", str(cut)])
+    assert r.exit_code == 2 and "exists and is not a gantk export (not a gantk checkpoint, ONNX or TorchScript " \
+        "file" in r.stderr and "move it away" in r.stderr and len(cut.read_bytes()) == 3000, r.output
     r = _export(["--checkpoint", str(own), "--out", str(own)])  # an ONNX export under a .pt name
     assert r.exit_code == 2 and ".pt names a TorchScript file; this export is ONNX" in r.stderr, r.output
     assert mine.read_text() == "my notes" and own.read_bytes() == before
