@@ -80,6 +80,19 @@ def test_onnx_default_paths_and_report(onnx_export, ckpt):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
+def test_reading_the_umask_never_sets_it(monkeypatch):
+    """Setting the umask to read it would leave it 0 for a moment: another thread's file world-writable."""
+    from gantk.checkpoint import file_mode
+
+    umask = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail(f"os.umask({mask:#o}) called"))
+        assert file_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(umask)
+
+
 def test_onnx_graph_contract(onnx_export, ckpt):
     import onnx
 

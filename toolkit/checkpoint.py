@@ -47,9 +47,15 @@ def file_mode() -> int:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read where Linux shows it: setting it to read it back would leave it 0 for a
+    moment, in which another thread's new file would be world-writable."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
