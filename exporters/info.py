@@ -50,15 +50,14 @@ def _io(latent_shape: list[int], dtype: str = "float32") -> dict[str, Any]:
 
 
 def _checkpoint(path: Path) -> dict[str, Any]:
-    from gantk.checkpoint import load
+    from gantk.checkpoint import generator_from, load
 
     s = load(path)
-    g = s["ema"] if s.get("ema") is not None else s["generator"]
     return {**_io(list(s["latent_shape"])), "arch": s["config"]["arch"], "step": s["step"],
             "epoch": s.get("epoch"), "images_seen": s.get("images_seen"), "ema": s.get("ema") is not None,
             "world_size": s.get("world_size", 1), "global_batch": s["config"]["batch_size"] * s.get("world_size", 1),
             "compute_dtype": s.get("compute_dtype"), "best_fid": s.get("best_fid"),
-            "generator_parameters": int(sum(t.numel() for t in g.values() if t.is_floating_point())),
+            "generator_parameters": sum(p.numel() for p in generator_from(s).parameters()),  # not BN statistics
             "versions": s.get("versions", {}), "config": s["config"]}
 
 
