@@ -172,6 +172,9 @@ def test_npy_npz_and_folder_sources(tmp_path):
     np.savez(tmp_path / "s.npz", images=(arr * 255).astype(np.uint8), labels=np.array(list("abcd")))
     with pytest.raises(DataError, match="labels must be whole numbers .*, got <U1"):
         data.load(str(tmp_path / "s.npz"))
+    (tmp_path / "text.npy").write_text("0.5, 0.25\n")
+    with pytest.raises(DataError, match=r"text.npy: not a NumPy .npy or .npz file \(no NumPy or zip header\)"):
+        data.load(str(tmp_path / "text.npy"))
     np.save(tmp_path / "complex.npy", arr.astype(np.complex64))
     with pytest.raises(DataError, match="images of dtype complex64; expected numbers"):
         data.load(str(tmp_path / "complex.npy"))

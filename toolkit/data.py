@@ -154,6 +154,10 @@ def _idx_labels(images_path: Path, n: int) -> np.ndarray | None:
 
 def _load_numpy(path: Path) -> Digits:
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if head != b"\x93NUMPY" and not head.startswith(b"PK\x03\x04"):
+            raise DataError(f"{path}: not a NumPy .npy or .npz file (no NumPy or zip header)")
         obj = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
