@@ -138,7 +138,7 @@ def destination(out: str | Path, *, suffix: str) -> Path:
     """`out` as an absolute path in a writable place (its folders are made by `staged`); UsageError if it is
     a folder, a file that is not a gantk export (the user's, or the checkpoint itself: only exports are
     replaced), or named with the other format's suffix."""
-    from gantk.checkpoint import existing_ancestor
+    from gantk.checkpoint import check_writable
 
     from . import read_metadata
 
@@ -155,11 +155,7 @@ def destination(out: str | Path, *, suffix: str) -> Path:
             why = str(e).removeprefix(f"{out}: ").removeprefix(f"{out} ")
             raise UsageError(f"--out {out} exists and is not a gantk export ({why}); not "
                              "overwriting it (move it away or choose another --out)") from None
-    probe = existing_ancestor(out.parent)
-    if not probe.is_dir():
-        raise UsageError(f"--out {out}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise GantkError(f"folder not writable: {probe}")
+    check_writable(out, "--out")
     return out
 
 

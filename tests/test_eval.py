@@ -303,6 +303,9 @@ def test_cli_eval_a_run_folder_beside_its_fp16_export(clf_path, ref_path, work, 
     assert eager["count"] == half["count"] == 200  # the run folder is its last.pt, not its sample grids
     assert "torch" in eager["source"] and "onnxruntime" in half["source"]
     assert half["fid"] == pytest.approx(eager["fid"], rel=0.05)  # same noise, same model, fp16 inside
+    r = _eval([tmp_path / "fp16.onnx", "--count", str(10**14)], clf_path, ref_path, work)  # refused, not swapped
+    assert r.exit_code == 2 and "100,000,000,000,000 samples (pixels, then the classifier's inputs) need about" \
+        in r.stderr and "more than this machine's" in r.stderr, r.output
 
 
 @pytest.mark.parametrize("case, message", [("empty", "no images"), ("few", "too few"), ("kind", "not a digit classifier"),
@@ -360,6 +363,11 @@ def test_cli_classifier_train_and_its_bad_input(tmp_path):
     r = CliRunner().invoke(cli, ["classifier", "train", "--data", "synthetic", "--count", "40", "--heldout", "0.99",
                                  "--out", str(tmp_path / "y.pt")])
     assert r.exit_code == 2 and "holding out 0.99 of 40 images leaves 0 to train on (need 10+)" in r.output
+
+    (tmp_path / "afile").write_text("mine")  # checked before training, not after it
+    r = CliRunner().invoke(cli, ["classifier", "train", "--data", "synthetic", "--count", "40", "--out",
+                                 str(tmp_path / "afile" / "c.pt")])
+    assert r.exit_code == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in r.output and "epoch 1/" not in r.output
 
     mine = tmp_path / "mine.pt"
     mine.write_bytes(b"user data")

@@ -624,6 +624,7 @@ def test_info_checkpoint(ckpt):
     d = json.loads(r.stdout)
     assert d["kind"] == "checkpoint" and d["step"] == 2 and d["images_seen"] == 64
     assert d["generator_parameters"] == 276541  # the seed generator's weights and biases, not BN statistics
+    assert d["best_fid"] is None and "Infinity" not in r.stdout  # strict JSON: no FID yet is null, not Infinity
     assert d["config"]["arch"] == "seed" and len(d["sha256"]) == 64 and d["size_bytes"] == ckpt.stat().st_size
     assert d["inputs"] == [{"name": "z", "shape": ["N", 1, 6, 6], "dtype": "float32"}]
 

@@ -690,6 +690,8 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, def
     (["-q", "-v"], "-q and -v contradict"),
     (["--lr", "nan"], "learning rates must be positive and finite"),
     (["--lr-d", "0"], "learning rates must be positive and finite, got 0.0002 (G) 0 (D)"),  # 0 is no default
+    (["--ema", "1.5"], "--ema must be in [0, 1), got 1.5"),
+    (["--data-count", str(10**12)], "1,000,000,000,000 synthetic digits need about 6,144,000.0 GB in memory"),
 ])
 def test_bad_input_is_exit_2_with_one_line(tmp_path, offline, args, needle):
     if "--device" in args and torch.cuda.is_available():

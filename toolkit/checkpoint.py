@@ -82,6 +82,18 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+def check_writable(path: Path, flag: str) -> None:
+    """Before any work: the folder a new file `path` goes in is there, or can be made, and is writable.
+    UsageError where a file stands in its way; GantkError (exit 1) where the folder is not writable."""
+    from .errors import GantkError
+
+    probe = existing_ancestor(Path(path).absolute().parent)
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise GantkError(f"{flag} {path}: {probe} is not writable")
+
+
 def missing_folders(folder: Path) -> list[Path]:
     """`folder` and those above it that do not exist yet, innermost first (for `remove_empty`)."""
     return [d for d in (folder, *folder.parents) if not d.exists()]

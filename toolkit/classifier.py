@@ -235,8 +235,11 @@ def fit(spec: str, *, out: str | Path, count: int | None = None, epochs: int = 6
 
 def _check_out(out: Path) -> None:
     """Replace only a classifier gantk wrote; anything else at `out` is the user's."""
+    from .checkpoint import check_writable
+
     if out.is_dir():
         raise CheckpointError(f"--out {out} is a folder; give a file path such as {out / 'classifier.pt'}")
+    check_writable(out, "--out")  # before training, not after
     if not out.exists():
         return
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -23,7 +24,16 @@ def _echo(msg: str = "") -> None:
 
 
 def _emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=str))
+    """One JSON document on stdout: strict JSON, so NaN and infinity (no FID yet) are null."""
+    click.echo(json.dumps(_strict(doc), indent=2, default=str, allow_nan=False))
+
+
+def _strict(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    return [_strict(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:

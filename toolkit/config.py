@@ -60,7 +60,7 @@ class TrainConfig:
         if self.keep < 0 or self.workers < 0:
             raise UsageError("--keep and --workers must not be negative")
         if not (0.0 <= self.ema_decay < 1.0):
-            raise UsageError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+            raise UsageError(f"--ema must be in [0, 1), got {self.ema_decay}")
         if not (0.5 < self.label_smoothing <= 1.0):
             raise UsageError(f"--label-smoothing must be in (0.5, 1], got {self.label_smoothing}")
         if not (0 < self.lr_g < math.inf and 0 < self.lr_d < math.inf):  # NaN fails both

@@ -44,6 +44,7 @@ def load(spec: str, *, seed: int = 0, count: int | None = None, flag: str = "--d
     if spec == "mnist":
         digits = load_mnist(flag=flag)
     elif spec == "synthetic":
+        check_memory(count or 10_000, 6 * 1024, "synthetic digits")  # uint8, then float32 for training
         digits = synthetic(count or 10_000, seed=seed)
     else:
         digits = load_path(Path(spec))
@@ -53,6 +54,14 @@ def load(spec: str, *, seed: int = 0, count: int | None = None, flag: str = "--d
             _check_classes(spec, count, labels, digits.labels)
         digits = Digits(digits.images[:count], labels, digits.source)
     return digits
+
+
+def check_memory(n: int, per_image: int, what: str) -> None:
+    """DataError, before any work, where `n` images of `per_image` bytes each cannot fit in this machine's memory."""
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if n * per_image > ram:
+        raise DataError(f"{n:,} {what} need about {n * per_image / 1e9:,.1f} GB in memory, more than this "
+                        f"machine's {ram / 1e9:,.1f} GB")
 
 
 def _check_classes(spec: str, count: int, kept: np.ndarray, whole: np.ndarray) -> None:

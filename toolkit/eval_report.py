@@ -4,7 +4,6 @@ Drawn with matplotlib's Agg backend (no display needed).
 """
 from __future__ import annotations
 
-import os
 import textwrap
 import warnings
 from pathlib import Path
@@ -23,18 +22,14 @@ def check_out(path: str | Path) -> None:
     """UsageError unless `path` is free or holds an earlier report: the user's files are never replaced."""
     from PIL import Image, UnidentifiedImageError
 
-    from .checkpoint import existing_ancestor
+    from .checkpoint import check_writable
     from .errors import UsageError
 
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"--report {path} is a folder; give a file path such as {path / 'report.png'}")
+    check_writable(path, "--report")  # the folders are made when the report is written
     if not path.exists():
-        probe = existing_ancestor(path.parent)  # the folders are made when the report is written
-        if not probe.is_dir():
-            raise UsageError(f"--report {path}: {probe} is a file, not a folder")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise UsageError(f"--report {path}: {probe} is not writable")
         return
     try:
         with Image.open(path) as im:

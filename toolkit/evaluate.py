@@ -285,8 +285,10 @@ def load_samples(source: str | Path, *, count: int | None = None, seed: int = 0,
 def _sample_model(path: Path, *, count: int, seed: int, provider: str) -> tuple[np.ndarray, str]:
     """`count` digits from a checkpoint, ONNX or TorchScript file, with generate's noise per index."""
     from .backends import open_backend
+    from .data import check_memory
     from .generate import noise, to_pixels
 
+    check_memory(count, 4 * 1024, "samples (pixels, then the classifier's inputs)")
     backend = open_backend(_backend_kind(path), path, provider=provider, fmt="npy")  # writes no files: the npy plan
     chunks = [to_pixels(backend(noise(seed, range(i, min(i + 1000, count)), backend.latent_shape)))
               for i in range(0, count, 1000)]
