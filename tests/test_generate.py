@@ -748,6 +748,33 @@ def test_a_fresh_folder_with_gantk_file_names_is_refused(exported, tmp_path, nam
     assert sorted(p.name for p in out.iterdir()) == [name]
 
 
+@pytest.mark.parametrize("name", ["summary.json", "grid.png"])
+def test_a_users_file_of_a_gantk_name_in_a_claimed_folder_is_refused_and_gantks_own_replaced(exported, tmp_path,
+                                                                                                 name):
+    """No manifest records the summary or the grid: their content tells gantk's from the user's."""
+    out = tmp_path / "d"
+    gen(exported["onnx"], out, "--count", "4", "--grid")
+    ours = (out / name).read_bytes()
+    gen(exported["onnx"], out, "--count", "6", "--grid")  # gantk's own: replaced by this run's
+    assert (out / name).read_bytes() != ours
+    (out / name).write_text("the user's")
+    r = gen(exported["onnx"], out, "--count", "8", "--grid", code=2)
+    assert f"{out / name} exists and was not written by gantk" in r.stderr and (out / name).read_text() == "the user's"
+    assert not (out / "000007.png").exists()
+
+
+def test_a_contact_sheet_drawn_before_the_mark_is_gantks(exported, tmp_path):
+    from gantk.generate import GRID, _our_grid, encode_png
+
+    sheet = np.zeros((2 * 34 + 2, 8 * 34 + 2), np.uint8)
+    sheet[2:34, 2:34] = 200
+    (tmp_path / GRID).write_bytes(encode_png(sheet))
+    assert _our_grid(tmp_path / GRID)
+    sheet[0, 5] = 1  # not the frame of gantk's sheets
+    (tmp_path / GRID).write_bytes(encode_png(sheet))
+    assert not _our_grid(tmp_path / GRID)
+
+
 # ------------------------------------------------------------------------------------------ parity
 
 

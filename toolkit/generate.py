@@ -54,6 +54,7 @@ from .errors import GantkError, Interrupted, UsageError, VerificationError, sign
 log = logging.getLogger("gantk")
 
 MANIFEST, SUMMARY, GRID = "manifest.json", "summary.json", "grid.png"
+SUMMARY_KIND, GRID_MARK = "gantk-generate-summary", {"Software": "gantk generate contact sheet"}
 MANIFEST_KIND = "gantk-generate-manifest"
 TMP_PREFIX = ".gantk-tmp-"
 NAME_WIDTH = 6
@@ -125,14 +126,17 @@ def to_pixels(x: np.ndarray) -> np.ndarray:
     return y.astype(np.uint8)
 
 
-def encode_png(px: np.ndarray) -> bytes:
+def encode_png(px: np.ndarray, *, text: dict[str, str] | None = None) -> bytes:
     """8-bit grayscale PNG of a (H, W) uint8 array, encoded by Pillow with zlib's Z_RLE strategy (runs
     only, made for PNG rows): on 32x32 digits 0.73x the time of the default strategy, files no larger
-    (benchmarks/bench_png_writer.py)."""
-    from PIL import Image
+    (benchmarks/bench_png_writer.py). `text`: tEXt chunks."""
+    from PIL import Image, PngImagePlugin
 
+    info = PngImagePlugin.PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)
     buf = io.BytesIO()
-    Image.fromarray(px, "L").save(buf, format="PNG", compress_level=6, compress_type=zlib.Z_RLE)
+    Image.fromarray(px, "L").save(buf, format="PNG", compress_level=6, compress_type=zlib.Z_RLE, pnginfo=info)
     return buf.getvalue()
 
 
@@ -527,12 +531,40 @@ def _not_replaced(path: Path) -> UsageError:
 
 
 def _refuse_foreign(folder: Folder, names: list[str]) -> None:
-    """A folder gantk has not claimed: its own summary/grid/array names must not already be taken."""
-    if folder.claimed:
-        return
+    """A folder gantk has not claimed: its own summary/grid/array names must not already be taken. In one
+    it has, a summary or grid that is not gantk's (no manifest records them: their content says so)."""
     for name in names:
-        if (folder.path / name).exists():
-            raise _not_ours(folder.path / name)
+        path = folder.path / name
+        if path.exists() and not (folder.claimed and {SUMMARY: _our_summary, GRID: _our_grid}.get(name, bool)(path)):
+            raise _not_ours(path)
+
+
+def _our_summary(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    # before its kind was written: the keys every gantk summary has
+    return isinstance(doc, dict) and (doc.get("kind") == SUMMARY_KIND or {"model_sha256", "backend", "seed",
+                                                                             "images", "parity"} <= doc.keys())
+
+
+def _our_grid(path: Path) -> bool:
+    """Marked as gantk's; or, drawn before the mark, a grayscale sheet of 34-px cells on a 2-px black frame."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.mode != "L":
+                return False
+            if {k: im.text.get(k) for k in GRID_MARK} == GRID_MARK:
+                return True
+            px = np.asarray(im)
+    except (OSError, UnidentifiedImageError):
+        return False
+    h, w = px.shape
+    return (h - 2) % 34 == 0 and (w - 2) % 34 == 0 and 0 < w <= GRID_COLS * 34 + 2 and \
+        not px[:2].any() and not px[:, :2].any() and not px[::34].any() and not px[:, ::34].any()
 
 
 def _drop_replaced(out: Path, old: dict | None) -> int:
@@ -942,7 +974,7 @@ def write_grid(req: Request, folder: Folder, *, array: str | None = None) -> str
     for k, t in enumerate(tiles):
         r, c = divmod(k, GRID_COLS)
         sheet[2 + r * 34:2 + r * 34 + 32, 2 + c * 34:2 + c * 34 + 32] = t
-    data, path = encode_png(sheet), folder.path / GRID
+    data, path = encode_png(sheet, text=GRID_MARK), folder.path / GRID
     if not (path.is_file() and path.read_bytes() == data):
         _write_atomic(path, data)
     return str(path)
@@ -1020,7 +1052,7 @@ def _open_and_write(req, model, backend, provider, asked, progress, world, pool)
     recorded = npy_name(req) in folder.arrays if req.fmt == "npy" else len(folder.files)
     check_room(req, out, recorded + len((replaced or {}).get("files", [])))
     if out.is_dir():
-        _refuse_foreign(folder, [SUMMARY, GRID, npy_name(req)])
+        _refuse_foreign(folder, [SUMMARY, *([GRID] if req.grid else []), npy_name(req)])
     todo, kept = plan_pngs(folder, req.indices(), replaced) if req.fmt == "png" and out.is_dir() \
         else (list(req.indices()), 0)
     if req.fmt == "npy" and out.is_dir():
@@ -1105,7 +1137,7 @@ def _summary(be, req, folder, parity, stats, kept, generated, seconds, removed) 
     from . import __version__
 
     return {
-        "out": str(req.out), "model": str(be.path), "model_sha256": folder.identity["model_sha256"], "backend": be.name,
+        "kind": SUMMARY_KIND, "out": str(req.out), "model": str(be.path), "model_sha256": folder.identity["model_sha256"], "backend": be.name,
         "provider": be.provider, "settings": be.settings, "seed": req.seed, "start": req.start,
         "count": req.count, "shard": f"{req.shard[0]}/{req.shard[1]}", "images": len(req.indices()),
         "format": req.fmt, "batch_size": req.batch_size, "writers": req.writers,
