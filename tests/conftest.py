@@ -29,6 +29,17 @@ def _default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _interactive_sigint():
+    """The test process as an interactive one: a suite launched in the background inherits SIGINT ignored,
+    which gantk (as Python itself) then leaves ignored, so the in-process signal tests would send in vain."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @pytest.fixture
 def default_signals():
     """A `preexec_fn` that starts a child with SIGINT and SIGTERM at their defaults."""

@@ -673,6 +673,21 @@ def test_signal_saves_then_exits_and_resume_matches_a_straight_run(tmp_path, def
     assert steps == list(range(1, 61))
 
 
+def test_a_signal_ignored_at_start_stays_ignored(tmp_path):
+    """A job put in the background by a script or run under nohup starts with SIGINT ignored."""
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    proc = _start(["train", "--data", "synthetic", "--data-count", "320", "--arch", "seed", "--max-steps", "30",
+                   "--log-every", "1", "--runs-dir", "runs", "--run", "bg"], tmp_path, preexec_fn=ignore_sigint)
+    _wait_for_rows(tmp_path / "runs" / "bg" / "metrics.csv", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "saving at the next step boundary" not in err, err
+    assert ckpt.load(tmp_path / "runs" / "bg" / "checkpoints" / "last.pt")["step"] == 30
+
+
 # ------------------------------------------------------------------ bad input
 
 

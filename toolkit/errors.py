@@ -99,11 +99,13 @@ def ignore_stops(*_) -> None:
 
 @contextlib.contextmanager
 def handling(handler, *signums: int) -> Iterator[None]:
-    """`handler` for `signums` inside, the previous ones after; only the main thread may set handlers."""
+    """`handler` for `signums` inside, the previous ones after; only the main thread may set handlers. A
+    signal ignored when this is entered stays ignored: a job started in the background or under nohup
+    (SIGINT ignored by the shell) is not stopped by a Ctrl-C meant for the foreground."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, handler) for s in signums}
+    previous = {s: signal.signal(s, handler) for s in signums if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:
