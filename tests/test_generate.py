@@ -860,6 +860,13 @@ def test_parity_reads_the_numbered_copy_where_training_replaces_last_pt_as_it_is
     assert picks == [last, run / "checkpoints" / "step-00000002.pt"] and doc["parity"]["status"] == "passed"
 
 
+def test_more_writers_than_cores_is_warned(exported, tmp_path):
+    from gantk.backends import cores
+
+    r = gen(exported["onnx"], tmp_path / "o", "--count", "5", "--writers", str(cores() + 7))
+    assert f"--writers {cores() + 7} on {cores()} cores: more workers than cores" in r.stderr
+
+
 def test_parity_indices_spread_over_the_range():
     idx = parity_indices(Request(out=Path("x"), start=100, count=1000, parity_samples=5))
     assert idx[0] == 100 and idx[-1] == 1099 and len(idx) == 5

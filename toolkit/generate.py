@@ -1021,13 +1021,16 @@ def generate(req: Request, *, model: Path, backend: str = "onnxruntime", provide
 
 
 def _generate(req, model, backend, provider, asked, progress, world) -> dict[str, Any]:
-    from .backends import cpu_plan
+    from .backends import cores, cpu_plan
 
     check_request(req)
     check_out(Path(req.out))
     # the workers leave inference the cores it takes for PNGs, even for npy, whose extra CPU streams are
     # idle when a GPU runs (the provider is known only once the backend is open, after the fork)
     threads, streams = cpu_plan(backend, *asked, fmt="png")
+    if req.writers and req.writers > max(cores(), default_writers(threads * streams)):
+        log.warning("--writers %d on %d cores: more workers than cores only adds switching between them "
+                    "(the default here is %d)", req.writers, cores(), default_writers(threads * streams))
     req = dataclasses.replace(req, writers=req.writers or default_writers(threads * streams))
     with executor(req.writers, len(req.indices())) as pool:  # before the backend: see `executor`
         try:
