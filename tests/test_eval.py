@@ -85,6 +85,13 @@ def test_classifier_learns_and_stores_heldout_accuracy(clf):
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
+def test_a_classifier_trained_on_some_digits_only_says_so(caplog):
+    d = data.synthetic(40, seed=1)
+    with caplog.at_level(logging.WARNING, logger="gantk"):
+        C.train(d.images, np.full(40, 3), epochs=1)
+    assert "the labels hold only the digits 3: the classifier cannot recognise the others" in caplog.text
+
+
 def test_classifier_of_another_kind_is_refused(tmp_path):
     path = tmp_path / "gan.pt"
     torch.save({"kind": "gantk-checkpoint", "format": 1}, path)

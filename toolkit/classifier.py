@@ -146,6 +146,10 @@ def _check_labels(images: np.ndarray, labels: np.ndarray | None) -> None:
         raise DataError(f"{len(images)} labelled images are too few to train and hold out a split (need 20+)")
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise DataError(f"labels must be digits 0-9, found {labels.min()}..{labels.max()}")
+    present = np.unique(labels)
+    if len(present) < NUM_CLASSES:
+        log.warning("the labels hold only the digits %s: the classifier cannot recognise the others, and eval's "
+                    "confidence, mode coverage and class histogram assume all ten", " ".join(map(str, present)))
 
 
 def _epoch(model, opt, sched, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
