@@ -124,6 +124,13 @@ def test_16_bit_and_float_images_in_a_folder_are_scaled_not_clipped(tmp_path, mo
         assert im.mode == mode
         im.save(tmp_path / f"{i}.{'tif' if mode != 'I;16' else 'png'}")
     assert np.array_equal(data.load(str(tmp_path)).images, levels)
+    # a faint image is read in the same range as the rest, not guessed alone
+    faint = np.zeros((32, 32), np.uint8)
+    faint[5, 5] = 1
+    as_faint = {"I;16": faint.astype(np.uint16) * 257, "I": faint.astype(np.int32) * 257,
+                "F": faint.astype(np.float32) / 255}[mode]
+    Image.fromarray(as_faint).save(tmp_path / f"9.{'tif' if mode != 'I;16' else 'png'}")
+    assert np.array_equal(data.load(str(tmp_path)).images[-1], faint)
 
 
 def test_truncated_idx_is_named(tmp_path):
@@ -855,11 +862,15 @@ def test_a_resume_into_another_runs_folder_without_last_pt_is_refused_and_keeps_
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text(json.dumps(tiny(data_count=64).to_dict()))  # seed, never saved
     (tmp_path / "d" / "metrics.csv").write_text("step\n1\n")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "config.json").write_text("[]")  # the user's own
     for other, held in (("c", "step-00000004.pt"), ("d", "its config.json has other .*arch")):
         before = {p.name: p.read_bytes() for p in (tmp_path / other).rglob("*") if p.is_file()}
         with pytest.raises(UsageError, match=f"{tmp_path / other} holds another run .*{held}"):
             train(tiny(arch="dcgan", data_count=64, epochs=3), resume=resume, run_dir=tmp_path / other)
         assert {p.name: p.read_bytes() for p in (tmp_path / other).rglob("*") if p.is_file()} == before
+    with pytest.raises(UsageError, match=f"{tmp_path / 'f'} holds a config.json that is not this run's"):
+        train(tiny(arch="dcgan", data_count=64, epochs=3), resume=resume, run_dir=tmp_path / "f")
     # the same resume's own earlier try, stopped before its first save, continues where it left its folder
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "config.json").write_text(json.dumps(ckpt.load(resume)["config"]))

@@ -237,17 +237,22 @@ def _load_folder(path: Path) -> Digits:
     files = files or sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    images, labels = [], []
-    for f in files:
+    images, floats, labels = [], {}, []
+    for k, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                im = _gray(im, f)
-                if im.size != (SIDE, SIDE):
-                    im = im.resize((SIDE, SIDE), Image.Resampling.BILINEAR)
-                images.append(np.asarray(im, np.uint8))
+                if im.mode == "F":  # float pixels: read by the range of the folder's float images (below)
+                    floats[k] = np.asarray(im, np.float64)
+                images.append(None if im.mode == "F" else _gray(im))
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{f}: not a readable image ({e})") from None
         labels.append(int(f.parent.name) if f.parent != path and f.parent.name.isdigit() else -1)
+    if floats:
+        levels = _levels(np.concatenate([a.ravel() for a in floats.values()])[None, None], path)[0, 0]
+        for k, a in floats.items():
+            images[k], levels = Image.fromarray(levels[:a.size].reshape(a.shape), "L"), levels[a.size:]
+    images = [np.asarray(im if im.size == (SIDE, SIDE) else im.resize((SIDE, SIDE), Image.Resampling.BILINEAR),
+                         np.uint8) for im in images]
     lab = np.array(labels, np.int64)
     stray = np.flatnonzero(lab < 0)
     if 0 < len(stray) < len(lab):
@@ -256,17 +261,17 @@ def _load_folder(path: Path) -> Digits:
     return Digits(np.stack(images), None if len(stray) else lab, str(path))
 
 
-def _gray(im, path: Path):
-    """An 8-bit grayscale copy of a Pillow image. 16-bit and float images are scaled by their range, not
-    clipped at 255 as Pillow's convert("L") would; 16-bit means levels above 255 (0-65535)."""
+def _gray(im):
+    """An 8-bit grayscale copy of a Pillow image; 16-bit levels (0-65535) scaled to 8, not clipped at 255
+    as Pillow's convert("L") would. A 32-bit integer image is 16-bit where it holds levels above 255."""
     from PIL import Image
 
-    if not (im.mode in ("I", "F") or im.mode.startswith("I;16")):
+    if not (im.mode == "I" or im.mode.startswith("I;16")):
         return im.convert("L")
     a = np.asarray(im, np.float64)
-    if im.mode != "F" and a.max() > 255:
+    if im.mode != "I" or a.max() > 255:
         a = a / 257.0
-    return Image.fromarray(_levels(a[None], path)[0], "L")
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
 def _generated(path: Path) -> tuple[list[Path], list[dict]]:

@@ -532,11 +532,15 @@ def _check_unsaved(run: RunFolder, config: TrainConfig) -> None:
     """A folder with no checkpoint but a config.json: this resume's own earlier try (stopped before its
     first save) continues there; another run's, whose metrics a resume would mix with its own, is refused."""
     try:
-        theirs = TrainConfig.from_dict(json.loads((run.root / "config.json").read_text()))
+        doc = json.loads((run.root / "config.json").read_text())
+        if not isinstance(doc, dict) or not {"arch", "seed", "data"} <= doc.keys():
+            raise ValueError("not a gantk run's")
+        theirs = TrainConfig.from_dict(doc)
     except FileNotFoundError:
         return
-    except (OSError, ValueError, TypeError) as e:
-        raise UsageError(f"{run.root} holds a config.json that is not this run's ({e}): pass a new --run NAME") from None
+    except (OSError, ValueError, TypeError, UsageError) as e:
+        raise UsageError(f"{run.root} holds a config.json that is not this run's ({e}); move it away or pass a "
+                         f"new --run NAME") from None
     differ = sorted(f.name for f in fields(TrainConfig)
                     if f.name not in RESUMABLE and _comparable(f.name, theirs) != _comparable(f.name, config))
     if differ:
@@ -739,6 +743,7 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
                 elif row:
                     row(t.step, t.epoch, cfg.batch_size, t.elapsed)  # every rank restarts its sums alike
                 if best:
+                    _finite(t.step, [t.checksum()])
                     ckpt.save(t.state_dict(), run.best)
                 if progress:
                     progress({"event": "step", "step": t.step, **figures})
@@ -756,14 +761,19 @@ def _loop(t: Trainer, run: RunFolder, images: torch.Tensor, total: int, final: i
 def _checkpoint(t: Trainer, run: RunFolder, *, numbered: bool) -> None:
     """Every rank reports a weight checksum; rank 0 checks they agree and saves."""
     sums = distributed.gather(t.world, t.checksum())
-    if not all(math.isfinite(v) for v in sums):  # finite losses, yet the update made a weight NaN or inf
-        raise DivergedError(f"training diverged at step {t.step}: its losses were finite but the weights are not "
-                            f"(NaN or inf); this step is not saved")
+    _finite(t.step, sums)
     if not t.world.main:
         return
     if len(set(sums)) > 1:
         raise GantkError(f"ranks disagree on the weights at step {t.step} (checksums {sums}); not saving")
     run.save_checkpoint(t.state_dict(rank_checksums=sums), step=t.step, keep=t.config.keep, numbered=numbered)
+
+
+def _finite(step: int, checksums: list[float]) -> None:
+    """DivergedError where a step of finite losses left a weight NaN or inf (its checksum is not finite)."""
+    if not all(math.isfinite(v) for v in checksums):
+        raise DivergedError(f"training diverged at step {step}: its losses were finite but the weights are not "
+                            f"(NaN or inf); this step is not saved")
 
 
 class _Evaluator:
