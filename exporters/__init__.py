@@ -42,20 +42,17 @@ def default_out(checkpoint: str | Path, fmt: str, dtype: str = "fp32") -> Path:
     return run / "export" / f"generator{'' if dtype == 'fp32' else '-' + dtype}{SUFFIXES[fmt]}"
 
 
-def export_kind(path: str | Path, *, data: bytes | None = None) -> str:
+def export_kind(path: str | Path) -> str:
     """'torchscript', 'checkpoint' (a torch.save zip) or 'onnx' (anything else, parsed later); CheckpointError
-    for an empty file or a PyTorch zip cut short. `data`: the file's bytes, already read."""
+    for an empty file or a PyTorch zip cut short."""
     path = Path(path)
-    if data is None:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    else:
-        head = data[:4]
+    with open(path, "rb") as f:
+        head = f.read(4)
     if not head:
         raise DamagedFileError(f"{path}: empty file (0 bytes)")
     if head != b"PK\x03\x04":
         return "onnx"
-    names = _zip_names(path, data)
+    names = _zip_names(path)
     script = any(n.endswith(("/constants.pkl", "/extra/" + torchscript.EXTRA_FILE)) or "/code/" in n for n in names)
     return "torchscript" if script else "checkpoint"
 
@@ -77,9 +74,9 @@ def _zip(path: str | Path, data: bytes | None) -> zipfile.ZipFile:
     return zipfile.ZipFile(path if data is None else io.BytesIO(data))
 
 
-def _zip_names(path: Path, data: bytes | None = None) -> list[str]:
+def _zip_names(path: Path) -> list[str]:
     try:
-        with _zip(path, data) as z:
+        with zipfile.ZipFile(path) as z:
             return z.namelist()
     except zipfile.BadZipFile:
         raise DamagedFileError(f"{path}: a PyTorch file cut short or corrupt") from None

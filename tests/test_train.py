@@ -157,7 +157,7 @@ def test_npy_npz_and_folder_sources(tmp_path):
     assert data.load(str(tmp_path / "a.npy")).images.shape == (4, 32, 32)
     assert data.load(str(tmp_path / "b.npz")).labels.tolist() == [0, 1, 2, 3]
     # above 255, below -1, [0, 255] mixed with negative values, normalised like torchvision's MNIST examples
-    for bad in (arr * 1000, arr * 2 - 1.5, arr * 255 - 100, (arr - 0.1307) / 0.3081, arr * 8):
+    for bad in (arr * 1000, arr * 2 - 1.5, arr * 255 - 100, (arr - 0.1307) / 0.3081, arr * 8, arr - 0.5):
         np.save(tmp_path / "bad.npy", bad)
         with pytest.raises(DataError, match=r"pixel values from .*; expected \[0, 1\], \[-1, 1\] or \[0, 255\]"):
             data.load(str(tmp_path / "bad.npy"))
@@ -169,6 +169,8 @@ def test_npy_npz_and_folder_sources(tmp_path):
         np.save(tmp_path / "near.npy", near)
         got = data.load(str(tmp_path / "near.npy")).images
         assert np.abs(got.astype(int) - want.astype(int)).mean() < 0.1, scale  # read in its own range
+    np.save(tmp_path / "u16.npy", (arr * 255).astype(np.uint16) * 257)  # 16-bit levels
+    assert np.array_equal(data.load(str(tmp_path / "u16.npy")).images, data.load(str(tmp_path / "b.npz")).images)
     for kind in (np.bool_, np.int64, np.uint8):  # 0/1 masks: ink is 255, whatever the dtype (uint8 is levels)
         np.save(tmp_path / "mask.npy", (arr > 0.5).astype(kind))
         expect = 1 if kind is np.uint8 else 255

@@ -130,12 +130,12 @@ def _read_weights_only(path: str | Path, *, what: str, missing: str, map_locatio
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{missing}: {path}")
-    raw = path.read_bytes()
-    kind = export_kind(path, data=raw)  # CheckpointError for an empty or cut-short file
+    kind = export_kind(path)  # CheckpointError for an empty or cut-short file; from the header, not a full read
     if kind == "onnx":
         raise CheckpointError(f"{path}: not a readable {what} (not a PyTorch zip archive)")
     if kind == "torchscript":
         raise CheckpointError(f"{path} is a TorchScript file, not a {what}")
+    raw = path.read_bytes()
     check_crcs(path, what, data=raw)
     try:
         with warnings.catch_warnings():

@@ -203,6 +203,8 @@ def _as_uint8(a: np.ndarray, path: Path) -> np.ndarray:
         raise DataError(f"{path}: expected images of shape (N, H, W) or (N, 1, H, W), got {a.shape}")
     if a.dtype == np.uint8:
         return a
+    if a.dtype == np.uint16:  # 16-bit levels, as a 16-bit image's
+        return np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
     if a.dtype.kind not in "biuf":
         raise DataError(f"{path}: images of dtype {a.dtype}; expected numbers (uint8, or float pixels)")
     return _levels(a.astype(np.float64), path)  # float64: [-1, 1] rounds as generate's to_pixels does
@@ -213,12 +215,12 @@ def _levels(a: np.ndarray, path: Path) -> np.ndarray:
 
     The ends may overshoot (resampling, noise); the overshoot is clipped. [-1, 1] needs a dark end below
     -0.5 (a digit's background is -1), [0, 255] a bright end of 16 or more; what fits none (normalised
-    data such as (x - 0.1307) / 0.3081, 16-bit levels) is refused rather than guessed.
+    data such as (x - 0.1307) / 0.3081 or x - 0.5) is refused rather than guessed.
     """
     if not np.isfinite(a).all():
         raise DataError(f"{path}: images contain NaN or inf")
     lo, hi = float(a.min()), float(a.max())
-    if -0.5 <= lo and hi <= 1.3:  # [0, 1]
+    if -0.35 <= lo and hi <= 1.3:  # [0, 1]
         a = a * 255.0
     elif -1.3 <= lo < -0.5 and hi <= 1.3:  # [-1, 1]
         a = (a + 1.0) * 127.5

@@ -1077,7 +1077,7 @@ def _write(be, req, folder, replaced, todo, kept, parity, progress, world, pool)
         out.mkdir(parents=True, exist_ok=True)
         _clean_temps(out)
         removed = _drop_replaced(out, replaced)
-        if replaced is not None and not req.grid and (out / GRID).is_file():
+        if replaced is not None and not req.grid and (out / GRID).is_file() and _our_grid(out / GRID):
             log.warning("%s is the replaced output's contact sheet, left as it is (no manifest records it); "
                         "--grid draws this output's", out / GRID)
         changed = folder.flush()  # claim the folder before the first image
