@@ -504,7 +504,7 @@ def _check_target(resume: Path, step: int, run: RunFolder, config: TrainConfig) 
         held = [p for p in (run.last, *reversed(run.numbered())) if p.is_file()]
         if held:
             raise UsageError(f"{run.root} holds another run ({held[0]}); continuing {resume} there would replace "
-                             f"it: pass a new --run NAME")
+                             f"it: pass a new --run NAME (or, if it is this run, --resume {held[0]})")
         _check_unsaved(run, config)
         return
     if run.last.resolve() == resume.resolve():
