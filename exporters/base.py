@@ -6,9 +6,11 @@ onto the destination with `os.replace`; a failed export leaves the destination a
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -159,6 +161,18 @@ def destination(out: str | Path, *, suffix: str) -> Path:
     return out
 
 
+STALE_TEMP_S = 3600  # an export takes seconds: a temp file this old beside `out` is a killed export's
+
+
+def _drop_stale_temps(out: Path, mine: Path) -> None:
+    """Remove the temp files that killed exports (SIGKILL, power) of `out` left beside it."""
+    now = time.time()
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if p != mine and now - p.stat().st_mtime > STALE_TEMP_S:
+                p.unlink()
+
+
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """A temp path beside `out` (its folders made); removed on the way out unless `commit` moved it into
@@ -178,6 +192,7 @@ def staged(out: Path) -> Iterator[Path]:
             raise GantkError(f"cannot write in {out.parent}: {e.strerror or e}") from None
         os.close(fd)
         tmp = Path(name)
+        _drop_stale_temps(out, tmp)
         yield tmp
     except VerificationError as e:
         state = "left unchanged" if out.exists() else "nothing written"

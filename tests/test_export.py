@@ -602,6 +602,19 @@ def test_a_stopped_export_leaves_no_temp_file(ckpt, tmp_path, default_signals, s
     assert not (tmp_path / "made").exists()  # its temp file and the folder it made are gone
 
 
+def test_an_export_removes_the_temp_files_killed_exports_left(ckpt, tmp_path):
+    """A SIGKILL leaves a temp file beside --out; the next export of it removes those an hour old."""
+    out = tmp_path / "g.onnx"
+    old, recent, other = (tmp_path / ".g.onnx.k1ll3d.tmp", tmp_path / ".g.onnx.runn1n.tmp",
+                          tmp_path / ".h.onnx.k1ll3d.tmp")
+    for p in (old, recent, other):
+        p.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200,) * 2)
+    os.utime(other, (time.time() - 7200,) * 2)
+    assert _export(["--checkpoint", str(ckpt), "--out", str(out), "-q"]).exit_code == 0
+    assert not old.exists() and recent.exists() and other.exists()  # another export's may still be running
+
+
 @pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root writes anywhere")
 def test_read_only_folder_exit_1(ckpt, tmp_path):
     folder = tmp_path / "ro"
