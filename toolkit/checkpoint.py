@@ -217,8 +217,13 @@ def newest_checkpoint(runs_dir: str | Path = "runs") -> Path:
 
 def numbered(folder: Path) -> list[Path]:
     """The step-N.pt checkpoints in `folder`, oldest first (a user's step-backup.pt is not one)."""
-    found = [(int(m[1]), p) for p in folder.glob("step-*.pt") if (m := NUMBERED.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in folder.glob("step-*.pt") if NUMBERED.fullmatch(p.name)),
+                  key=lambda p: (numbered_step(p), p))
+
+
+def numbered_step(path: Path) -> int:
+    """The step of a numbered checkpoint, from its name."""
+    return int(NUMBERED.fullmatch(path.name)[1])
 
 
 def newest_to_resume(runs_dir: str | Path = "runs") -> Path:

@@ -516,16 +516,12 @@ def _check_target(resume: Path, step: int, run: RunFolder, config: TrainConfig) 
         except CheckpointError as e:
             log.warning("%s; continuing from %s replaces it", e, resume)
     # where last.pt is gone or damaged: the newest intact numbered one
-    later = (p for p in reversed(run.numbered()) if _numbered_step(p) > newer)
+    later = (p for p in reversed(run.numbered()) if ckpt.numbered_step(p) > newer)
     if (p := next((p for p in later if ckpt.intact(p)), None)) is not None:
-        newer, newest = _numbered_step(p), p
+        newer, newest = ckpt.numbered_step(p), p
     if newer > step:
         raise UsageError(f"{resume} is at step {step}, behind {newest} (step {newer}); continuing in {run.root} "
                          f"would replace it: pass --run NAME to branch into a new run folder")
-
-
-def _numbered_step(path: Path) -> int:
-    return int(ckpt.NUMBERED.fullmatch(path.name)[1])
 
 
 def _check_unsaved(run: RunFolder, config: TrainConfig) -> None:
@@ -541,8 +537,7 @@ def _check_unsaved(run: RunFolder, config: TrainConfig) -> None:
     except (OSError, ValueError, TypeError, UsageError) as e:
         raise UsageError(f"{run.root} holds a config.json that is not this run's ({e}); move it away or pass a "
                          f"new --run NAME") from None
-    differ = sorted(f.name for f in fields(TrainConfig)
-                    if f.name not in RESUMABLE and _comparable(f.name, theirs) != _comparable(f.name, config))
+    differ = _differing({f.name for f in fields(TrainConfig)} - RESUMABLE, theirs, config)
     if differ:
         raise UsageError(f"{run.root} holds another run that stopped before its first save (its config.json has "
                          f"other {', '.join(differ)}); move it away or pass a new --run NAME")
@@ -559,7 +554,7 @@ def _resumed_config(stored: TrainConfig, asked: TrainConfig, given: set[str] | N
     """The checkpoint's config, with the options the caller gave that a resume may change.
     `given=None` (a library call): length and placement of training from `asked`."""
     given = {"epochs"} if given is None else given
-    refused = sorted(k for k in given - RESUMABLE if _comparable(k, asked) != _comparable(k, stored))
+    refused = _differing(given - RESUMABLE, asked, stored)
     if refused:
         raise UsageError(f"a resume keeps the run's own {', '.join(refused)} (exact resume); "
                          f"start a new run to change {'them' if len(refused) > 1 else 'it'}")
@@ -572,6 +567,11 @@ def _resumed_config(stored: TrainConfig, asked: TrainConfig, given: set[str] | N
 def _absolute(path: str | None) -> str | None:
     """A path as the checkpoint stores it: absolute, so that the run resumes from any folder."""
     return path if path is None or path in data_mod.NAMED else os.path.abspath(path)
+
+
+def _differing(names: set[str], a: TrainConfig, b: TrainConfig) -> list[str]:
+    """The fields among `names` in which two configs differ, as a resume compares them."""
+    return sorted(k for k in names if _comparable(k, a) != _comparable(k, b))
 
 
 def _comparable(field: str, config: TrainConfig) -> Any:
